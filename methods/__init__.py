@@ -1,0 +1,1 @@
+"""Built-in methods, installed as ``ncbench.methods`` and registered through entry points."""

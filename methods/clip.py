@@ -1,0 +1,19 @@
+"""Plain CLIP fine-tuning: symmetric InfoNCE on every pair, noisy or not (npc.md §3)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ncbench.losses import infonce, pair_logits
+from ncbench.method import Batch, Method
+
+
+class CLIPFineTune(Method):
+    """The baseline every noisy-correspondence method must beat: the NPC repository's ``main_CLIP.py``."""
+
+    name = "clip"
+    description = "plain CLIP fine-tuning with symmetric InfoNCE (no noise handling)"
+
+    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+        model = self.ctx.models[0]
+        image, text = model(batch.images, batch.tokens)[:2]
+        return {"loss": infonce(pair_logits(image, text, model.logit_scale))}

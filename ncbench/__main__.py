@@ -1,0 +1,3 @@
+from ncbench.cli import main
+
+main()

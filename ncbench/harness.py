@@ -1,0 +1,181 @@
+"""The training loop of one run: data, noise, backbone, method hooks, evaluation, checkpoints, record."""
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncbench import evaluate
+from ncbench.backbone import load_backbone
+from ncbench.config import RunConfig
+from ncbench.data import ImageNormalizer, Pairs
+from ncbench.method import Context, Method, TrainSet
+from ncbench.noise import NoisyPairing, make_noise
+from ncbench.optim import adamw, set_lr, warmup_cosine
+from ncbench.progress import progress_bar
+from ncbench.registry import DATASETS, METHODS
+from ncbench.results import CHECKPOINT, NOISE, RECORD, SCHEMA_VERSION, environment, load_record, write_json_atomic
+from ncbench.seeding import derive_seed, seed_everything
+
+
+def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
+    """Run ``cfg`` (resuming from its checkpoint if one exists) and return its record; a done run is not rerun."""
+    run_dir = Path(out_root) / cfg.run_id
+    done = load_record(run_dir)
+    if done is not None and done.get("status") == "complete":
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timing: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    method_cls = METHODS.get(cfg.method)
+    method: Method = method_cls(method_cls.Params(**cfg.params))
+    pairs: Pairs = DATASETS.get(cfg.dataset)().load(Path(cfg.data_root) if cfg.data_root else None, cache_dir)
+    noise = _noise(cfg, pairs, run_dir / NOISE)
+    timing["data_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    backbone = load_backbone(cfg.model, cfg.pretrained, cache_dir)
+    timing["backbone_s"] = time.perf_counter() - clock
+
+    seed_everything(derive_seed("run", cfg.seed))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
+    splits = {name: (getattr(pairs, name), backbone.tokenize(getattr(pairs, name).captions)) for name in ("train", "dev", "test")}
+    train = TrainSet(pairs.train.images, splits["train"][1], noise.assigned_image, normalize)
+    models = [copy.deepcopy(backbone.model).to(device).train() for _ in range(method_cls.num_models)]
+    optimizers = [adamw(m.parameters(), cfg.lr, cfg.weight_decay) for m in models]
+    ctx = Context(models=models, train=train, clean_subset=None, device=device, autocast=autocast,
+                  rng=np.random.default_rng(derive_seed("method", cfg.seed)), seed=cfg.seed, epochs=cfg.epochs,
+                  batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                  make_optimizer=lambda params: adamw(params, cfg.lr, cfg.weight_decay))
+
+    def test_metrics(eval_models: list[torch.nn.Module]) -> dict[str, dict[str, float]]:
+        img, txt = evaluate.embed(eval_models, splits["test"][0].images, splits["test"][1], normalize, autocast)
+        caption_image = torch.from_numpy(splits["test"][0].caption_image)
+        return {p: evaluate.evaluate_protocol(p, img, txt, caption_image) for p in pairs.test_protocols}
+
+    def dev_metrics(eval_models: list[torch.nn.Module]) -> dict[str, float]:
+        img, txt = evaluate.embed(eval_models, splits["dev"][0].images, splits["dev"][1], normalize, autocast)
+        return evaluate.evaluate_protocol("1k", img, txt, torch.from_numpy(splits["dev"][0].caption_image))
+
+    state = _load_checkpoint(run_dir / CHECKPOINT)
+    method.setup(ctx)
+    if state is None:
+        clock = time.perf_counter()
+        state = {"epoch": 0, "history": [], "best": None, "zero_shot": test_metrics(models[:1])}
+        timing["zero_shot_eval_s"] = time.perf_counter() - clock
+    else:
+        for model, saved in zip(models, state["models"]):
+            model.load_state_dict(saved)
+        for optimizer, saved in zip(optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        method.load_state_dict(state["method"])
+        ctx.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+
+    warmup = cfg.warmup_steps / max(cfg.epochs * (len(train) // cfg.batch_size), 1)
+    for epoch in range(state["epoch"], cfg.epochs):
+        clock = time.perf_counter()
+        method.on_epoch_start(epoch)
+        batches = list(method.epoch_batches(epoch))
+        sums: dict[str, float] = {}
+        with progress_bar(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", len(batches)) as advance:
+            for i, index in enumerate(batches):
+                lr = cfg.lr * warmup_cosine((epoch + i / len(batches)) / cfg.epochs, warmup)
+                for optimizer in optimizers:
+                    set_lr(optimizer, lr)
+                    optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    losses = method.training_step(train.batch(index))
+                if not method_cls.computes_gradients:
+                    losses["loss"].backward()
+                for model, optimizer in zip(models, optimizers):
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                advance(**{k: float(v.detach()) for k, v in losses.items()})
+        train_s = time.perf_counter() - clock
+        entry = {"epoch": epoch + 1, "steps": len(batches), "train_s": round(train_s, 2),
+                 "losses": {k: v / max(len(batches), 1) for k, v in sums.items()}}
+        scores = method.clean_scores()
+        if scores is not None and pairs.has_clean_mask:
+            entry["detection"] = evaluate.detection_metrics(np.asarray(scores), noise.clean)
+        clock = time.perf_counter()
+        entry["dev"] = dev_metrics(method.eval_models())
+        entry["eval_s"] = round(time.perf_counter() - clock, 2)
+        state["history"].append(entry)
+        if cfg.selection == "last" or state["best"] is None or entry["dev"]["rsum"] >= state["best"]["dev_rsum"]:
+            state["best"] = {"epoch": epoch + 1, "dev_rsum": entry["dev"]["rsum"],
+                             "models": [_cpu_state(m) for m in method.eval_models()]}
+        state["epoch"] = epoch + 1
+        _save_checkpoint(run_dir / CHECKPOINT, state, models, optimizers, method, ctx)
+
+    clock = time.perf_counter()
+    eval_models = method.eval_models()
+    for model, saved in zip(eval_models, state["best"]["models"]):
+        model.load_state_dict(saved)
+    test = test_metrics(eval_models)
+    timing["test_eval_s"] = time.perf_counter() - clock
+    timing["train_s"] = sum(e["train_s"] for e in state["history"])
+    timing["dev_eval_s"] = sum(e["eval_s"] for e in state["history"])
+    record = {
+        "schema": SCHEMA_VERSION,
+        "run_id": cfg.run_id,
+        "status": "complete",
+        "config": cfg.identity(),
+        "method": {"name": method_cls.name, "version": method_cls.version, "uses_clean_subset": method_cls.uses_clean_subset,
+                   "num_models": method_cls.num_models, "evaluated_models": len(eval_models)},
+        "dataset": {"name": pairs.name, "train_pairs": len(train), "test_protocols": list(pairs.test_protocols),
+                    "has_clean_mask": pairs.has_clean_mask},
+        "noise": {"protocol": noise.protocol, "ratio": noise.ratio, "realised_ratio": noise.realised_ratio,
+                  "digest": noise.digest},
+        "selection": {"rule": cfg.selection, "epoch": state["best"]["epoch"]},
+        "zero_shot": state["zero_shot"],
+        "test": test,
+        "epochs": state["history"],
+        "timing": {k: round(v, 2) for k, v in timing.items()},
+        "peak_memory_mb": _peak_memory_mb(device),
+        "environment": environment(),
+    }
+    write_json_atomic(run_dir / RECORD, record)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return record
+
+
+def _noise(cfg: RunConfig, pairs: Pairs, path: Path) -> NoisyPairing:
+    """The run's noise, rebuilt from its seed and checked against the copy saved beside the run."""
+    noise = make_noise(cfg.noise_protocol, pairs.train.caption_image, cfg.noise, cfg.seed, pairs.name)
+    if path.is_file() and NoisyPairing.load(path).digest != noise.digest:
+        raise RuntimeError(f"{path}: saved noise differs from the noise this config makes; remove the run folder")
+    noise.save(path)
+    return noise
+
+
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(path: Path, state: dict, models, optimizers, method: Method, ctx: Context) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**state, "models": [_cpu_state(m) for m in models], "optimizers": [o.state_dict() for o in optimizers],
+                "method": method.state_dict(), "rng": ctx.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

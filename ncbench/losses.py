@@ -1,0 +1,22 @@
+"""Contrastive losses shared by the harness and the methods."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def pair_logits(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    """``s · cos`` for L2-normalised embeddings; rows are images, columns captions."""
+    return logit_scale.exp() * image_emb @ text_emb.t()
+
+
+def per_pair_infonce(logits: Tensor) -> Tensor:
+    """Per-pair symmetric InfoNCE ``½(CE_i2t(i) + CE_t2i(i))`` with in-batch negatives (baselines.md §0)."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none"))
+
+
+def infonce(logits: Tensor) -> Tensor:
+    """The CLIP loss: mean of :func:`per_pair_infonce` over the batch (npc.md §3)."""
+    return per_pair_infonce(logits).mean()

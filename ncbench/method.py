@@ -1,0 +1,166 @@
+"""The method contract: what a noisy-correspondence method implements and what the harness gives it.
+
+The harness owns data, loops, optimisers of the trained models, evaluation and files. A method
+owns its math: it receives a :class:`Context` in :meth:`Method.setup`, may choose which pairs an
+epoch visits, returns named losses from :meth:`Method.training_step` (the harness back-propagates
+``"loss"``, clips and steps), and may score each training pair's chance of being clean.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ncbench.data import ImageNormalizer
+from ncbench.errors import UserError
+from ncbench.evaluate import embed
+from ncbench.losses import pair_logits, per_pair_infonce
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """Hyper-parameters of a method that has none."""
+
+
+@dataclass
+class Batch:
+    """Training pairs ``index`` (rows of the noisy training set) as model inputs on the device."""
+
+    index: Tensor  # int64 (B,), on the CPU
+    images: Tensor  # float (B, 3, S, S)
+    tokens: Tensor  # int64 (B, context)
+
+
+class TrainSet:
+    """The noisy training set (or the clean subset), indexable by pair: pair ``p`` is
+    (image ``pair_image[p]``, caption ``p``)."""
+
+    def __init__(self, images: np.ndarray, tokens: Tensor, pair_image: np.ndarray, normalize: ImageNormalizer):
+        self.images, self.tokens, self.pair_image, self.normalize = images, tokens, pair_image, normalize
+
+    def __len__(self) -> int:
+        return len(self.pair_image)
+
+    def batch(self, index: np.ndarray | Tensor) -> Batch:
+        index = torch.as_tensor(index, dtype=torch.long)
+        image_rows = self.pair_image[index.numpy()]
+        unique, inverse = np.unique(image_rows, return_inverse=True)
+        images = self.normalize(self.images[unique])[torch.from_numpy(inverse).to(self.normalize.device)]
+        return Batch(index, images, self.tokens[index].to(self.normalize.device))
+
+
+@dataclass
+class Context:
+    """What the harness hands a method in :meth:`Method.setup`."""
+
+    models: list[nn.Module]  # ``num_models`` fresh copies of the pretrained backbone, trained by the harness
+    train: TrainSet  # the noisy training set
+    clean_subset: TrainSet | None  # only for methods with ``uses_clean_subset``
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager]
+    rng: np.random.Generator  # the method's own stream, derived from the run seed
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    make_optimizer: Callable[[Any], torch.optim.Optimizer]  # the harness's AdamW, for auxiliary models
+
+    def encode_train(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """L2-normalised embeddings of every training image (once each) and every caption, in eval mode."""
+        return embed([model], self.train.images, self.train.tokens, self.train.normalize, self.autocast)
+
+    @torch.no_grad()
+    def per_pair_loss(self, model: nn.Module, batch_size: int | None = None, seed: int = 0) -> np.ndarray:
+        """Per-pair symmetric InfoNCE of every training pair inside seeded random batches (baselines.md §2.3).
+
+        Images and captions are encoded once; the loss of pair ``p`` uses the in-batch negatives
+        of the random batch ``p`` falls in, with the model's current logit scale.
+        """
+        img, txt = self.encode_train(model)
+        batch_size = batch_size or self.batch_size
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(self.train)))
+        pair_image = torch.from_numpy(self.train.pair_image).to(self.device)
+        loss = torch.empty(len(self.train), device=self.device)
+        for chunk in order.split(batch_size):
+            chunk = chunk.to(self.device)
+            loss[chunk] = per_pair_infonce(pair_logits(img[pair_image[chunk]], txt[chunk], model.logit_scale.float()))
+        return loss.cpu().numpy()
+
+
+class Method:
+    """Base class of every method. Subclasses set ``name`` and override the hooks they need."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"  # part of the run id: bump when the method's numbers change
+    description: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams  # frozen dataclass of hyper-parameters with defaults
+    uses_clean_subset: ClassVar[bool] = False
+    num_models: ClassVar[int] = 1
+    computes_gradients: ClassVar[bool] = False  # True: training_step fills .grad itself; the harness clips and steps
+    run_defaults: ClassVar[dict] = {}  # harness settings this method changes by default, e.g. {"grad_clip": 10.0}
+
+    def __init__(self, params: Any = None):
+        self.params = params if params is not None else self.Params()
+
+    def setup(self, ctx: Context) -> None:
+        """Called once before training, with the pretrained models."""
+        self.ctx = ctx
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Per-epoch work: mixture fits, memory banks, purification."""
+
+    def epoch_batches(self, epoch: int) -> Iterator[np.ndarray]:
+        """Pair indices of each batch this epoch; default: every pair once, shuffled, last partial batch dropped."""
+        order = self.ctx.rng.permutation(len(self.ctx.train))
+        size = self.ctx.batch_size
+        for i in range(len(order) // size):
+            yield order[i * size:(i + 1) * size]
+
+    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Return named losses; ``"loss"`` is back-propagated by the harness, the rest are logged."""
+        raise NotImplementedError
+
+    def clean_scores(self) -> np.ndarray | None:
+        """Per training pair, the method's probability that the pair is clean (None if it has none)."""
+        return None
+
+    def eval_models(self) -> list[nn.Module]:
+        """The models whose averaged similarity is evaluated; default the first."""
+        return self.ctx.models[:1]
+
+    def state_dict(self) -> dict:
+        """Method state beyond the trained models (arrays, auxiliary models), for resuming."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    @classmethod
+    def make_params(cls, overrides: dict[str, str]) -> Any:
+        """Build ``Params`` from string overrides (``--param name=value``), converting to each field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Params)}
+        values = {}
+        for key, raw in overrides.items():
+            if key not in fields:
+                raise UserError(f"--param {key}: unknown hyper-parameter of {cls.name}; "
+                                 f"available: {', '.join(fields) or 'none'}")
+            default = getattr(cls.Params(), key)
+            values[key] = _convert(raw, type(default), key)
+        return cls.Params(**values)
+
+
+def _convert(raw: str, kind: type, key: str) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        return kind(raw)
+    except ValueError:
+        raise UserError(f"--param {key}={raw}: expected a {kind.__name__}") from None
