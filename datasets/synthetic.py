@@ -1,8 +1,8 @@
 """Procedural shapes world: deterministic image–caption splits for pretraining and a shifted downstream task.
 
 Images show 1–3 coloured shapes on a 3x3 grid; each has five lossy template captions. The ``pretrain``
-distribution has black backgrounds, 12 held-out shape–colour combos and base wording only. ``downstream``
-adds every combo, gray/noisy backgrounds, and with probability ``1 - pretrain_wording`` per caption new
+distribution has black (75 %) or gray backgrounds, 12 held-out shape–colour combos and base wording only.
+``downstream`` adds every combo, grainy backgrounds (a third of the images), and with probability ``1 - pretrain_wording`` per caption new
 templates and synonyms.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from ncbench.seeding import derive_seed
 from ncbench.data import Dataset, Pairs, Split
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PRETRAIN_WORDING = 0.5  # downstream: probability that a caption uses pretraining templates and words
 CAPTIONS_PER_IMAGE = 5
 
@@ -35,7 +35,8 @@ _RGB = np.array([(220, 40, 40), (40, 180, 60), (50, 90, 230), (230, 220, 50),
                  (40, 210, 220), (150, 60, 210), (240, 140, 30), (235, 235, 235)], np.float32)
 _RADIUS = np.array([0.26, 0.42], np.float32)  # small, large; in grid-cell units
 _JITTER = 0.07  # maximum centre offset, in cell units
-_BLACK, _NOISY = 0, 2  # background ids, in _BG_W order (1 is gray)
+_BLACK, _GRAY, _NOISY = 0, 1, 2  # background ids, in _BG_W order
+_PRETRAIN_GRAY = 0.25  # pretraining sees some gray backgrounds, never grainy ones: the visual shift stays partial
 
 # Wording: (pretraining word, shifted synonym) per attribute value.
 _SIZE_W = (("small", "tiny"), ("large", "big"))
@@ -94,7 +95,7 @@ def _sample_scenes(distribution: str, n: int, rng: np.random.Generator) -> _Scen
         allowed = np.array([(s, c) for s in range(len(SHAPES)) for c in range(len(COLOURS))
                             if (SHAPES[s], COLOURS[c]) not in HELD_OUT])
         shape, colour = np.moveaxis(allowed[rng.integers(len(allowed), size=(n, 3))], -1, 0)
-        background = np.full(n, _BLACK)
+        background = rng.choice([_BLACK, _GRAY], n, p=[1 - _PRETRAIN_GRAY, _PRETRAIN_GRAY])
     elif distribution == "downstream":
         n_objects = rng.integers(2, 4, n)
         shape, colour = rng.integers(len(SHAPES), size=(n, 3)), rng.integers(len(COLOURS), size=(n, 3))
@@ -208,6 +209,24 @@ def generate(distribution: str, n_images: int, seed: int, image_size: int = 32,
     return Split(images, tuple(captions), np.repeat(np.arange(n_images, dtype=np.int64), CAPTIONS_PER_IMAGE))
 
 
+def image_attributes(distribution: str, n_images: int, seed: int) -> np.ndarray:
+    """What the images of ``generate(distribution, n_images, seed)`` show, as rows whose inner product counts
+    the attribute values two scenes share (with multiplicity): the similarity of ncbench's ``hard`` noise.
+
+    Per image: how many objects have each shape, colour, size, cell and (shape, colour); its background
+    and its number of objects. Each count ``n`` is coded as ``[n >= 1, n >= 2, n >= 3]``, so the inner
+    product of two rows is the sum over values of ``min(n_a, n_b)``. Float32, (n_images, 3 * 80).
+    """
+    sc = _sample_scenes(distribution, n_images, np.random.default_rng(seed))  # the draws ``generate`` makes first
+    present = np.arange(3) < sc.n_objects[:, None]
+    kinds = ((sc.shape, len(SHAPES)), (sc.colour, len(COLOURS)), (sc.size, len(_RADIUS)), (sc.cell, 9),
+             (sc.shape * len(COLOURS) + sc.colour, len(SHAPES) * len(COLOURS)),
+             (sc.background[:, None], len(_BG_W)), (sc.n_objects[:, None], 4))
+    counts = np.concatenate([((values[..., None] == np.arange(k)) & present[:, :values.shape[1], None]).sum(1)
+                             for values, k in kinds], axis=1)
+    return (counts[..., None] >= np.arange(1, 4)).reshape(n_images, -1).astype(np.float32)
+
+
 def _cached(cache_dir: Path, distribution: str, n_images: int, seed: int, image_size: int,
             pretrain_wording: float) -> Split:
     """``generate`` with its result stored once as ``cache_dir/synthetic/<key>.npz``."""
@@ -247,12 +266,14 @@ class SyntheticWorld(Dataset):
     image_size: int = 32
     pretrain_wording: float = PRETRAIN_WORDING
 
-    def load(self, root: Path | None, cache_dir: Path) -> Pairs:
+    def load(self, root: Path | None, cache_dir: Path, resolution: int = 224) -> Pairs:
+        """Rendered at ``image_size`` whatever the model's ``resolution`` (the harness resizes)."""
+        sizes = {"train": self.n_train, "dev": self.n_dev, "test": self.n_test}
         splits = {s: _cached(cache_dir, "downstream", n, derive_seed(s, self.seed), self.image_size,
-                             self.pretrain_wording)
-                  for s, n in (("train", self.n_train), ("dev", self.n_dev), ("test", self.n_test))}
+                             self.pretrain_wording) for s, n in sizes.items()}
+        attributes = {s: image_attributes("downstream", n, derive_seed(s, self.seed)) for s, n in sizes.items()}
         return Pairs(self.name, **splits, test_protocols=("1k",),
-                     meta={**asdict(self), "generator_version": GENERATOR_VERSION})
+                     meta={**asdict(self), "generator_version": GENERATOR_VERSION}, image_attributes=attributes)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """CLIP dual encoders from open_clip: the tiny built-in models and any named architecture.
 
 Two axes, as in open_clip: an architecture name and where its weights come from (``pretrained``):
-an open_clip tag (``openai``), a local checkpoint file, ``embedded`` (the tiny models, pretrained
-here on the synthetic corpus and cached) or ``none`` (random initialisation).
+an open_clip tag (``openai``), a local checkpoint file (read with ``weights_only=True``), ``embedded``
+(the tiny models with a compact vocabulary, pretrained here on the synthetic corpus and cached) or
+``none`` (random initialisation). Models with open_clip's full BPE vocabulary (every open_clip
+architecture, and the built-in ``ncbench-tiny-bpe`` for real-data tests) use open_clip's own tokenizer.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ logging.getLogger().setLevel(logging.ERROR)  # open_clip warns at root level for
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+BPE_VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer vocabulary; smaller text vocabularies use CompactTokenizer
 
 
 class BackboneError(UserError):
@@ -81,6 +84,16 @@ def _image_size(cfg: dict) -> int:
     return size if isinstance(size, int) else size[0]
 
 
+def input_size(name: str) -> int:
+    """The square image size architecture ``name`` takes."""
+    return _image_size(model_config(name))
+
+
+def has_compact_vocabulary(name: str) -> bool:
+    """A built-in tiny config with a vocabulary smaller than open_clip's BPE: the synthetic world's tokenizer."""
+    return name in TINY_MODELS and model_config(name)["text_cfg"]["vocab_size"] < BPE_VOCAB_SIZE
+
+
 def tiny_tokenizer(name: str) -> CompactTokenizer:
     from ncbench.datasets.synthetic import VOCABULARY
 
@@ -88,26 +101,56 @@ def tiny_tokenizer(name: str) -> CompactTokenizer:
     return CompactTokenizer(VOCABULARY, text["vocab_size"], text["context_length"])
 
 
+def weights_source(name: str, pretrained: str) -> str | None:
+    """Where ``pretrained`` takes ``name``'s weights from: ``"embedded"``, a checkpoint file, an open_clip tag, or
+    None (random initialisation). A one-line :class:`BackboneError` when it cannot; cheap, so the harness checks
+    it before reading any data."""
+    model_config(name)
+    if pretrained in ("none", ""):
+        return None
+    if pretrained == "embedded":
+        if not has_compact_vocabulary(name):
+            compact = ", ".join(n for n in TINY_MODELS if has_compact_vocabulary(n))
+            raise BackboneError(f"--pretrained embedded: only {compact} have embedded weights; for {name} pass an "
+                                f"open_clip tag, a checkpoint file (--pretrained PATH) or none")
+        return "embedded"
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path)
+    tags = [] if name in TINY_MODELS else open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags:
+        if open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu") and not model_config(name).get("quick_gelu"):
+            raise BackboneError(f"--pretrained {pretrained} weights were trained with QuickGELU but {name} uses GELU; "
+                                f"use --model {name}-quickgelu")
+        return pretrained
+    if name in TINY_MODELS or any(sep in pretrained for sep in ("/", "\\")) or path.suffix:
+        raise BackboneError(f"--pretrained: no such checkpoint file {path}")
+    raise BackboneError(f"--pretrained {pretrained!r}: not a checkpoint file nor a tag of {name} "
+                        f"(tags: {', '.join(tags) or 'none'})")
+
+
 def load_backbone(name: str, pretrained: str, cache_dir: Path) -> Backbone:
     """Build ``name`` with weights from ``pretrained`` (tag, file path, ``embedded`` or ``none``)."""
     cfg = model_config(name)
-    path = Path(pretrained).expanduser()
+    source = weights_source(name, pretrained)
+    tokenize: Callable = tiny_tokenizer(name) if has_compact_vocabulary(name) else open_clip.get_tokenizer(name)
     if name in TINY_MODELS:
-        tokenize: Callable = tiny_tokenizer(name)
         model = open_clip.create_model(name)
-        if pretrained == "embedded":
+        if source == "embedded":
             from ncbench.pretrain import pretrained_state
 
             model.load_state_dict(pretrained_state(name, cache_dir))
-        elif pretrained not in ("none", ""):
-            model.load_state_dict(_read_checkpoint(path))
+        elif source is not None:
+            try:
+                model.load_state_dict(_read_checkpoint(Path(source)))
+            except RuntimeError as err:  # wrong architecture: missing or unexpected keys, shape mismatches
+                raise BackboneError(f"--pretrained {source}: not a checkpoint of {name} "
+                                    f"({' '.join(str(err).split())[:200]})") from None
     else:
-        tokenize = open_clip.get_tokenizer(name)
-        try:
-            tag = None if pretrained in ("none", "") else (str(path) if path.is_file() else pretrained)
-            model = open_clip.create_model(name, pretrained=tag, cache_dir=str(cache_dir / "open_clip"))
-        except Exception as err:  # open_clip raises many kinds for missing weights offline
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        try:  # open_clip reads a checkpoint file with weights_only=True, or downloads a tag's weights once
+            model = open_clip.create_model(name, pretrained=source, cache_dir=str(cache_dir / "open_clip"))
+        except Exception as err:  # open_clip raises many kinds for missing weights offline or a bad file
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
             raise BackboneError(f"cannot load weights {pretrained!r} for {name} ({reason}); "
                                 f"this machine may be offline: pass a local checkpoint with --pretrained PATH") from None
     pre = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -116,9 +159,13 @@ def load_backbone(name: str, pretrained: str, cache_dir: Path) -> Backbone:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise BackboneError(f"--pretrained: no such checkpoint file {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A state dict saved with ``torch.save`` (possibly under ``"state_dict"``), read with ``weights_only=True``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unpickling code
+        raise BackboneError(f"--pretrained {path}: cannot read it as weights ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(state, dict):
+        raise BackboneError(f"--pretrained {path}: expected a state dict, got a {type(state).__name__}")
     return state.get("state_dict", state)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -44,6 +45,10 @@ def _parse_params(items: list[str]) -> dict[str, str]:
 def run(
     method: str = typer.Option("clip", help="method name (see `ncbench list`) or package.module:Class"),
     noise: float = typer.Option(0.0, help="fraction of training captions re-paired by the noise protocol, in [0, 1)"),
+    noise_protocol: Optional[str] = typer.Option(
+        None, help="caption-shuffle, image-shuffle, hard (docs/noise.md) or an imported file-<digest> [default caption-shuffle]"),
+    noise_file: Optional[Path] = typer.Option(
+        None, help="use exactly this noise: an NCR/BiCro index (.npy) or NPC noisy captions (.txt) of the train split"),
     seed: int = typer.Option(0, help="run seed: noise, data order and method randomness"),
     dataset: str = typer.Option("synthetic", help="dataset adapter; default: the embedded synthetic world"),
     data_root: Optional[Path] = typer.Option(None, help="folder of a real dataset"),
@@ -53,21 +58,49 @@ def run(
     model: Optional[str] = typer.Option(None, help="open_clip architecture [default ncbench-tiny]"),
     pretrained: Optional[str] = typer.Option(None, help="weights: open_clip tag, checkpoint path, embedded or none"),
     selection: Optional[str] = typer.Option(None, help="model selection: best-dev-rsum or last"),
+    preset: Optional[str] = typer.Option(
+        None, help="named settings per method and dataset family, under explicit flags: paper (ncbench/presets.py)"),
+    clean_fraction: Optional[float] = typer.Option(
+        None, help="training pairs kept clean for methods that use clean data [default 0.02 for them, else 0]"),
     param: List[str] = typer.Option([], "--param", "-p", help="method hyper-parameter name=value (repeatable)"),
+    plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
     out_dir: Path = typer.Option(Path("results/runs"), "--out", help="folder of run records"),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models"),
 ) -> None:
     """Fine-tune a CLIP model with one method on noisy data; evaluate; write one result record."""
-    from ncbench import config, harness
-    from ncbench.registry import METHODS
+    from ncbench.registry import METHODS, load_plugin_file
 
+    for path in plugin:
+        load_plugin_file(path)
     method_cls = METHODS.get(method)
-    flags = dict(noise=noise, seed=seed, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
-                 model=model, pretrained=pretrained, selection=selection,
+    from ncbench import config, harness  # after the method: a bad one is reported without importing open_clip
+
+    if noise_file is not None:
+        noise, noise_protocol = _import_noise(noise_file, noise_protocol, noise, dataset, data_root, cache_dir)
+    flags = dict(noise=noise, noise_protocol=noise_protocol, seed=seed, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
+                 model=model, pretrained=pretrained, selection=selection, preset=preset, clean_fraction=clean_fraction,
                  data_root=str(data_root) if data_root else None)
     cfg = config.resolve(method_cls, flags, _parse_params(param))
     record = harness.run(cfg, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"))
     _show_record(record, out_dir)
+
+
+def _import_noise(path: Path, protocol: str | None, noise: float, dataset: str, data_root: Path | None,
+                  cache_dir: Path) -> tuple[float, str]:
+    """``--noise-file``: store the file's noise as an artefact; the run then names it (ratio, ``file-<digest>``)."""
+    from ncbench.noise import import_file
+
+    if protocol is not None:
+        raise UserError("--noise-file and --noise-protocol: give one of them (the file is the protocol)")
+    imported, _ = import_file(path, _load_pairs(dataset, data_root, cache_dir), _writable_dir(cache_dir, "--cache-dir"),
+                              ratio=noise or None)
+    return imported.ratio, imported.protocol
+
+
+def _load_pairs(dataset: str, data_root: Path | None, cache_dir: Path):
+    from ncbench.registry import DATASETS
+
+    return DATASETS.get(dataset)().load(data_root, _writable_dir(cache_dir, "--cache-dir"))
 
 
 def _show_record(record: dict, out_dir: Path) -> None:
@@ -88,24 +121,234 @@ def _show_record(record: dict, out_dir: Path) -> None:
 
 
 @app.command("list")
-def list_(kind: str = typer.Argument("methods", help="methods or datasets")) -> None:
-    """List the registered methods or datasets."""
-    from ncbench.registry import DATASETS, METHODS
+def list_(
+    kind: Optional[str] = typer.Argument(None, help="methods, datasets or noises [default: all three]"),
+    plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
+) -> None:
+    """List the registered methods, datasets and noise protocols; a broken plugin is one warning line."""
+    from ncbench.registry import REGISTRIES, RegistryError, load_plugin_file
 
-    registries = {"methods": METHODS, "datasets": DATASETS}
-    if kind not in registries:
-        raise UserError(f"ncbench list {kind}: expected one of {', '.join(registries)}")
-    registry = registries[kind]
-    table = Table("name", "version", "clean data", "description")
-    for name in registry.names():
-        cls = registry.get(name)
-        table.add_row(name, getattr(cls, "version", ""), "yes" if getattr(cls, "uses_clean_subset", False) else "",
-                      cls.description)
+    if kind is not None and kind not in REGISTRIES:
+        raise UserError(f"ncbench list {kind}: expected one of {', '.join(REGISTRIES)}")
+    for path in plugin:
+        try:
+            load_plugin_file(path)
+        except UserError as e:
+            err.print(f"[yellow]warning:[/yellow] {e}", highlight=False, soft_wrap=True)
+    for name in [kind] if kind else REGISTRIES:
+        registry = REGISTRIES[name]
+        table = Table("name", "version", "origin", *(["clean data"] if name == "methods" else []), "description",
+                      title=name)
+        for entry in sorted(registry.entries().values(), key=lambda e: e.name):
+            try:
+                obj = registry.load(entry)
+            except RegistryError as e:
+                err.print(f"[yellow]warning:[/yellow] {e}", highlight=False, soft_wrap=True)
+                continue
+            clean = ["yes" if getattr(obj, "uses_clean_subset", False) else ""] if name == "methods" else []
+            description = getattr(obj, "description", "") or (obj.__doc__ or "").strip().partition("\n")[0]
+            table.add_row(entry.name, str(getattr(obj, "version", "")), entry.origin, *clean, description)
+        out.print(table)
+
+
+noise_app = typer.Typer(no_args_is_help=True, help="Noise artefacts: make, show, export (NCR/NPC files) and import.")
+app.add_typer(noise_app, name="noise")
+_NOISE_PROTOCOL = typer.Option("caption-shuffle", help="caption-shuffle, image-shuffle, hard or an imported file-<digest>")
+_NOISE = typer.Option(0.2, help="nominal noise ratio, in [0, 1)")
+_SEED = typer.Option(0, help="run seed the noise belongs to")
+_DATASET = typer.Option("synthetic", help="dataset adapter")
+_DATA_ROOT = typer.Option(None, help="folder of a real dataset")
+_MODEL = typer.Option("ncbench-tiny", help="open_clip architecture whose image embeddings `hard` uses on real data")
+_PRETRAINED = typer.Option("embedded", help="its weights: open_clip tag, checkpoint path or embedded")
+_CACHE = typer.Option(DEFAULT_CACHE, help="cache of generated data, models and noise artefacts")
+
+
+def _noise_artefact(protocol: str, noise: float, seed: int, dataset: str, data_root: Path | None, model: str,
+                    pretrained: str, cache_dir: Path, mode: str):
+    from ncbench.noise import obtain
+
+    pairs = _load_pairs(dataset, data_root, cache_dir)
+    artefact, path = obtain(pairs, protocol, noise, seed, cache_dir, model=model, pretrained=pretrained, mode=mode)
+    return pairs, artefact, path
+
+
+def _show_noise(pairs, artefact, path: Path) -> None:
+    from ncbench.noise import examples
+
+    n = len(artefact.clean)
+    out.print(f"{artefact.protocol} noise on {pairs.name} {artefact.split}: nominal {artefact.ratio:g}, realised "
+              f"{artefact.realised_ratio:.4f} ({int((~artefact.clean).sum())} of {n} captions), seed {artefact.seed}")
+    out.print(f"digest {artefact.digest}" + (f"  source {artefact.source}" if artefact.source else ""))
+    out.print(f"artefact {path}", soft_wrap=True)
+    table = Table("caption", "its text", "paired with image", "a true caption of that image",
+                  title="examples of mismatched pairs")
+    for c, text, image, truth in examples(artefact, pairs.train):
+        table.add_row(str(c), text, str(image), truth)
     out.print(table)
+
+
+@noise_app.command("make")
+def noise_make(noise_protocol: str = _NOISE_PROTOCOL, noise: float = _NOISE, seed: int = _SEED, dataset: str = _DATASET,
+               data_root: Optional[Path] = _DATA_ROOT, model: str = _MODEL, pretrained: str = _PRETRAINED,
+               cache_dir: Path = _CACHE) -> None:
+    """Build the artefact of (dataset, train split, protocol, ratio, seed), store it (or check the stored one); show it."""
+    _show_noise(*_noise_artefact(noise_protocol, noise, seed, dataset, data_root, model, pretrained, cache_dir, "make"))
+
+
+@noise_app.command("show")
+def noise_show(noise_protocol: str = _NOISE_PROTOCOL, noise: float = _NOISE, seed: int = _SEED, dataset: str = _DATASET,
+               data_root: Optional[Path] = _DATA_ROOT, model: str = _MODEL, pretrained: str = _PRETRAINED,
+               cache_dir: Path = _CACHE) -> None:
+    """Show a stored artefact: realised ratio, digest and example mismatched pairs."""
+    _show_noise(*_noise_artefact(noise_protocol, noise, seed, dataset, data_root, model, pretrained, cache_dir, "load"))
+
+
+@noise_app.command("export")
+def noise_export(fmt: str = typer.Option(..., "--format", help="ncr (<dataset>_<r>.npy) or npc ({r}_noise_train_caps.txt)"),
+                 out_dir: Path = typer.Option(Path("."), "--out", help="folder to write the file into"),
+                 noise_protocol: str = _NOISE_PROTOCOL, noise: float = _NOISE, seed: int = _SEED,
+                 dataset: str = _DATASET, data_root: Optional[Path] = _DATA_ROOT, model: str = _MODEL,
+                 pretrained: str = _PRETRAINED, cache_dir: Path = _CACHE) -> None:
+    """Write an artefact (made if needed) in the file format NCR/BiCro or NPC read."""
+    from ncbench.noise import export_ncr, export_npc_captions
+
+    if fmt not in ("ncr", "npc"):
+        raise UserError(f"--format {fmt}: expected ncr or npc")
+    pairs, artefact, _ = _noise_artefact(noise_protocol, noise, seed, dataset, data_root, model, pretrained,
+                                         cache_dir, "get")
+    folder = _writable_dir(out_dir, "--out")
+    path = export_ncr(artefact, folder) if fmt == "ncr" else export_npc_captions(artefact, pairs.train, folder)
+    out.print(f"{path}  ({artefact.protocol}, realised {artefact.realised_ratio:.4f}, digest {artefact.digest[:12]})",
+              soft_wrap=True)
+
+
+@noise_app.command("import")
+def noise_import(path: Path = typer.Argument(..., help="an NCR/BiCro index (.npy, also RCL's per-image form) or NPC noisy captions (.txt)"),
+                 noise: Optional[float] = typer.Option(None, help="nominal ratio [default: from the file name, else realised]"),
+                 dataset: str = _DATASET, data_root: Optional[Path] = _DATA_ROOT, cache_dir: Path = _CACHE) -> None:
+    """Store a paper's noise file as an artefact; runs use it with --noise-protocol file-<digest>."""
+    from ncbench.noise import import_file
+
+    pairs = _load_pairs(dataset, data_root, cache_dir)
+    artefact, stored = import_file(path, pairs, cache_dir, ratio=noise, flag="ncbench noise import")
+    _show_noise(pairs, artefact, stored)
+    out.print(f"use it with: ncbench run --dataset {dataset} --noise-protocol {artefact.protocol} --noise {artefact.ratio:g}")
+
+
+@app.command()
+def sweep(
+    methods: str = typer.Option(..., help="comma-separated methods, e.g. clip,gmm-filter,npc"),
+    noise: str = typer.Option("0,0.2,0.4,0.6", help="comma-separated noise ratios, each in [0, 1)"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated run seeds"),
+    noise_protocol: Optional[str] = typer.Option(None, help="noise protocol of every run [default caption-shuffle]"),
+    dataset: str = typer.Option("synthetic", help="dataset adapter; default: the embedded synthetic world"),
+    data_root: Optional[Path] = typer.Option(None, help="folder of a real dataset"),
+    epochs: Optional[int] = typer.Option(None, help="fine-tuning epochs [default 5]"),
+    batch_size: Optional[int] = typer.Option(None, help="training batch size [default 128]"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate [default 5e-4]"),
+    model: Optional[str] = typer.Option(None, help="open_clip architecture [default ncbench-tiny]"),
+    pretrained: Optional[str] = typer.Option(None, help="weights: open_clip tag, checkpoint path, embedded or none"),
+    selection: Optional[str] = typer.Option(None, help="model selection: best-dev-rsum or last"),
+    preset: Optional[str] = typer.Option(None, help="named settings per method and dataset family: paper"),
+    plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="runs at a time: 1 runs them in this process, N > 1 in N "
+                             "`ncbench run` workers with cores/N torch threads each"),
+    launcher: str = typer.Option("local", help="where the runs execute: local (this machine)"),
+    status: bool = typer.Option(False, "--status", help="list each run as done, incomplete or not started; run nothing"),
+    out_dir: Path = typer.Option(Path("results/runs"), "--out", help="folder of run records"),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models"),
+) -> None:
+    """Run the grid methods × noise × seeds: skip runs with a record, resume those with a checkpoint."""
+    from ncbench import sweep as sweeps
+    from ncbench.registry import load_plugin_file
+
+    for path in plugin:
+        load_plugin_file(path)
+    settings = dict(noise_protocol=noise_protocol, dataset=dataset, data_root=str(data_root) if data_root else None,
+                    epochs=epochs, batch_size=batch_size, lr=lr, model=model, pretrained=pretrained,
+                    selection=selection, preset=preset)
+    grid = sweeps.expand(sweeps.parse_list(methods, str, "--methods"), sweeps.parse_list(noise, float, "--noise"),
+                         sweeps.parse_list(seeds, int, "--seeds"), settings, plugin)
+    if status:
+        _show_status(sweeps.statuses(grid, out_dir), out_dir)
+        return
+    summary = sweeps.sweep(grid, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"), jobs, launcher)
+    out.print(f"sweep of {summary.total} run{'s' if summary.total != 1 else ''}: {summary.skipped} already done, "
+              f"{summary.ran} ran ({summary.resumed} resumed from a checkpoint), {len(summary.failed)} failed")
+    for run_id, why in summary.failed.items():
+        err.print(f"failed {run_id}: {why}", highlight=False, soft_wrap=True)
+    if summary.failed:
+        sys.exit(1)
+
+
+def _show_status(states: list, out_dir: Path) -> None:
+    from collections import Counter
+
+    from ncbench.sweep import State
+
+    style = {State.DONE: "green", State.INCOMPLETE: "yellow", State.NOT_STARTED: "dim"}
+    table = Table("state", "run id", title=f"{len(states)} runs in {out_dir}")
+    table.columns[1].no_wrap = True
+    for job, state in states:
+        table.add_row(f"[{style[state]}]{state.value}[/]", job.run_id)
+    out.print(table)
+    counts = Counter(state for _, state in states)
+    out.print(", ".join(f"{counts[state]} {state.value}" for state in State))
+
+
+_RESULTS = typer.Option(Path("results/runs"), "--results", help="folder of run records (searched recursively)")
+_METRIC = typer.Option("rsum", help="test metric: rsum, i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, i2t_medr, t2i_medr")
+_PROTOCOL = typer.Option(None, help="test protocol: 1k, coco-1k or coco-5k [default: each dataset's first]")
+_ONLY_DATASET = typer.Option(None, "--dataset", help="only this dataset's records")
+
+
+@app.command()
+def leaderboard(
+    fmt: str = typer.Option("md", "--format", help="md, csv or latex (booktabs)"),
+    metric: str = _METRIC,
+    protocol: Optional[str] = _PROTOCOL,
+    dataset: Optional[str] = _ONLY_DATASET,
+    results_dir: Path = _RESULTS,
+    out_file: Optional[Path] = typer.Option(None, "--out", help="file to write [default: print]"),
+) -> None:
+    """Tables of mean ± sample std over seeds: one per setting, a row per method, a column per noise ratio."""
+    from ncbench import report
+
+    text = report.leaderboard(results_dir, fmt, metric, protocol, dataset)
+    if out_file is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(text)
+    except OSError as e:
+        raise UserError(f"--out {out_file}: cannot write ({e.strerror or e})") from None
+    out.print(f"wrote {out_file}", highlight=False)
+
+
+@app.command()
+def plot(
+    metric: str = _METRIC,
+    protocol: Optional[str] = _PROTOCOL,
+    dataset: Optional[str] = _ONLY_DATASET,
+    results_dir: Path = _RESULTS,
+    out_dir: Path = typer.Option(Path("results/plots"), "--out", help="folder for the PNG and SVG files"),
+) -> None:
+    """Noise-stability plots (metric vs noise, ± std band) and detection AUROC vs noise, as PNG and SVG."""
+    from ncbench import report
+
+    for path in report.plot(results_dir, _writable_dir(out_dir, "--out"), metric, protocol, dataset):
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a plugin shadowed by another of its name) as one line on stderr."""
+    err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad input, exit code 2."""
+    warnings.showwarning = _show_warning
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:

@@ -1,7 +1,8 @@
 """The resolved configuration of one run and its id.
 
-Precedence: harness defaults < the method's ``run_defaults`` < explicit flags. The run id hashes the
-resolved, machine-independent config (no data path, no output folder).
+Precedence: harness defaults < the method's ``run_defaults`` < a preset's values (ncbench/presets.py)
+< explicit flags. The run id hashes the resolved, machine-independent config (no data path, no output
+folder, not the preset's name).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ncbench.errors import UserError
 from ncbench.seeding import stable_hash
 
 SELECTION_RULES = ("best-dev-rsum", "last")
+DEFAULT_CLEAN_FRACTION = 0.02  # mscn.md §7.5 meta_frac: the clean subset of methods that use one
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,9 @@ class RunConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 100
     grad_clip: float = 0.0  # max L2 norm of each trained model's gradient; 0 disables clipping
+    clean_fraction: float = 0.0  # training pairs carved out as a clean subset before noise (mscn.md §7.6)
     selection: str = "best-dev-rsum"
+    preset: str | None = None  # the preset whose values were applied (recorded; not part of the id)
     data_root: str | None = field(default=None, compare=False)  # where the data lives: not part of the id
 
     def __post_init__(self) -> None:
@@ -44,25 +48,50 @@ class RunConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.clean_fraction < 0.5:
+            raise UserError(f"--clean-fraction must be in [0, 0.5), got {self.clean_fraction}")
 
     def identity(self) -> dict:
-        """The fields that name the run."""
-        return {k: v for k, v in asdict(self).items() if k != "data_root"}
+        """The fields that name the run, plus the pretraining recipe when the weights are made here."""
+        fields = {k: v for k, v in asdict(self).items() if k != "data_root"}
+        if not self.clean_fraction:  # runs without a clean subset keep the ids they had before the field existed
+            del fields["clean_fraction"]
+        if self.pretrained == "embedded":
+            from ncbench.pretrain import current_spec
+
+            fields["pretrain"] = asdict(current_spec())
+        return fields
 
     @property
     def run_id(self) -> str:
-        return f"{self.method}_{self.dataset}_n{self.noise:g}_s{self.seed}_{stable_hash(self.identity(), length=10)}"
+        named = {k: v for k, v in self.identity().items() if k != "preset"}
+        return f"{self.method}_{self.dataset}_n{self.noise:g}_s{self.seed}_{stable_hash(named, length=10)}"
 
 
 HARNESS_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("method", "params", "method_version"))
 
 
 def resolve(method_cls, flags: dict, param_overrides: dict[str, str] | None = None) -> RunConfig:
-    """Build the config of ``method_cls`` from explicit ``flags`` (unset ones are ``None``) and ``--param``s."""
+    """Build the config of ``method_cls`` from explicit ``flags`` (unset ones are ``None``; ``preset`` names a
+    preset) and ``--param``s."""
     unknown = set(flags) - set(HARNESS_FIELDS)
     if unknown:
         raise UserError(f"unknown run settings: {', '.join(sorted(unknown))}")
-    values = dict(getattr(method_cls, "run_defaults", {}))
+    clean_default = DEFAULT_CLEAN_FRACTION if getattr(method_cls, "uses_clean_subset", False) else 0.0
+    values = {"clean_fraction": clean_default, **getattr(method_cls, "run_defaults", {})}
+    if flags.get("preset"):
+        from ncbench.presets import preset_values
+
+        values.update(preset_values(flags["preset"], method_cls.name, flags.get("dataset") or RunConfig.dataset))
     values.update({k: v for k, v in flags.items() if v is not None})
+    check_clean_fraction(method_cls, values["clean_fraction"])
     params = method_cls.make_params(param_overrides or {})
     return RunConfig(method=method_cls.name, params=asdict(params), method_version=method_cls.version, **values)
+
+
+def check_clean_fraction(method_cls, fraction: float) -> None:
+    """A clean subset is carved exactly for the methods that declare ``uses_clean_subset`` (mscn.md §7.6)."""
+    uses_clean = getattr(method_cls, "uses_clean_subset", False)
+    if (fraction > 0) != uses_clean:
+        raise UserError(f"--clean-fraction {fraction:g}: method {method_cls.name} "
+                        + ("needs a clean subset (> 0)" if uses_clean else "does not use a clean subset (0 only)"))

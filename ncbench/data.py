@@ -1,16 +1,24 @@
 """Image–caption data as the harness sees it: splits of uint8 images and captions, and torch views."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from ncbench.errors import UserError
+from ncbench.progress import progress_bar
+from ncbench.seeding import stable_hash
+
+IMAGE_CACHE_VERSION = 1  # bump when decode_image changes its output
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,9 @@ class Pairs:
     test_protocols: tuple[str, ...] = ("1k",)
     has_clean_mask: bool = True  # False for real-noise data (CC), where the noise is unknown
     meta: dict = field(default_factory=dict)
+    # split -> (n_images, F) rows whose inner product says how alike two images are (the synthetic world's
+    # scene attributes); the ``hard`` noise protocol uses them, else a pretrained model's embeddings
+    image_attributes: dict = field(default_factory=dict, repr=False)
 
 
 class Dataset:
@@ -57,9 +68,123 @@ class Dataset:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     needs_root: ClassVar[bool] = True
+    family: ClassVar[str] = ""  # what presets are keyed on: "f30k", "coco", "cc" ("" = no preset applies)
+    real_noise: ClassVar[bool] = False  # the data's own noise is unknown (CC): no clean mask, runs only at --noise 0
+    layout: ClassVar[str] = ""  # the on-disk layout's name, for messages (datasets/README.md)
+    markers: ClassVar[tuple[str, ...]] = ()  # paths under the data root, any of which identifies the layout
 
-    def load(self, root: Path | None, cache_dir: Path) -> Pairs:
+    def load(self, root: Path | None, cache_dir: Path, resolution: int = 224) -> Pairs:
+        """The dataset's splits; adapters that decode image files store them at ``resolution`` (the model's
+        square input size) in the image cache, generated data may keep its own size (the harness resizes)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_run(cls, root: Path | None, noise: float) -> None:
+        """Refuse, in one line and before anything is written, a run this adapter cannot serve."""
+        if cls.real_noise and noise != 0:
+            raise UserError(f"--noise {noise:g}: --dataset {cls.name} has real, unlabelled noise; run it with --noise 0")
+        if not cls.needs_root:
+            return
+        if root is None:
+            raise UserError(f"--dataset {cls.name} needs --data-root PATH (the {cls.layout} layout, datasets/README.md)")
+        if not Path(root).is_dir():
+            raise UserError(f"--data-root {root}: no such folder")
+        if cls.markers and not any((Path(root) / m).exists() for m in cls.markers):
+            raise UserError(f"--data-root {root}: not the {cls.layout} layout that --dataset {cls.name} reads "
+                            f"(no {cls.markers[0]}); {_layout_hint(Path(root))}")
+
+
+def _layout_hint(root: Path) -> str:
+    """Which registered adapters' layouts ``root`` matches, as advice for an error message."""
+    from ncbench.registry import DATASETS
+
+    matches = []
+    for name in DATASETS.names():
+        try:
+            cls = DATASETS.get(name)
+        except UserError:  # a broken plugin is not a candidate
+            continue
+        if cls.markers and any((root / m).exists() for m in cls.markers):
+            matches.append(name)
+    if matches:
+        return f"it looks like the layout of --dataset {' or '.join(matches)}"
+    return "it matches no known layout (see datasets/README.md)"
+
+
+def read_lines(path: Path) -> list[str]:
+    """The stripped lines of a UTF-8 text file, split as Python's text mode splits them (as the NPC code reads)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f]
+    except FileNotFoundError:
+        raise UserError(f"missing file {path} (layouts: datasets/README.md)") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def index_images(ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Per-caption image ids -> (distinct ids in order of first appearance, caption -> image index)."""
+    first: dict[str, int] = {}
+    caption_image = np.fromiter((first.setdefault(i, len(first)) for i in ids), dtype=np.int64, count=len(ids))
+    return list(first), caption_image
+
+
+@lru_cache(maxsize=None)
+def _val_geometry(size: int) -> Callable[[Image.Image], Image.Image]:
+    """open_clip's val transform without its last two steps (ToTensor, Normalize): bicubic resize of the
+    shortest side to ``size``, center crop to ``size`` x ``size``, convert to RGB (npc.md §1.2, §9)."""
+    import open_clip
+    from torchvision.transforms import Compose
+
+    return Compose(open_clip.image_transform(size, is_train=False).transforms[:-2])
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): the image file as open_clip's val preprocessing sees it before normalisation."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(_val_geometry(size)(image), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def cached_images(files: Sequence[Path], size: int, cache_dir: Path, label: str) -> np.ndarray:
+    """The decoded ``files`` as a read-only memory map (N, size, size, 3) under ``cache_dir/images``.
+
+    Built once per (``label`` = dataset-split, ``size``, files): the key hashes every file's path, byte size
+    and modification time, so changed data is decoded again. Written to a temporary file, then renamed.
+    """
+    stats, missing = [], []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            missing.append(f)
+    if missing:
+        raise UserError(f"{label}: {len(missing)} of {len(files)} image files missing, e.g. {missing[0]}")
+    path = Path(cache_dir) / "images" / f"{label}-{size}px-{stable_hash(IMAGE_CACHE_VERSION, size, stats, length=16)}.npy"
+    if not path.is_file():
+        _build_image_cache(files, size, path, label)
+    return np.load(path, mmap_mode="r")
+
+
+def _build_image_cache(files: Sequence[Path], size: int, path: Path, label: str, block: int = 1024) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+        with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool, \
+                progress_bar(f"decoding {label} at {size}px (once, cached)", len(files)) as advance:
+            for lo in range(0, len(files), block):  # bounded memory: one block of decoded images at a time
+                for i, image in enumerate(pool.map(lambda f: decode_image(f, size), files[lo:lo + block]), lo):
+                    out[i] = image
+                    advance()
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ImageNormalizer:
@@ -71,7 +196,7 @@ class ImageNormalizer:
         self.size, self.device = size, device
 
     def __call__(self, images: np.ndarray) -> Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = torch.from_numpy(np.require(images, requirements=("C", "W"))).to(self.device, non_blocking=True)  # copies memmap rows
         x = x.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)

@@ -140,11 +140,12 @@ def detection_metrics(scores: np.ndarray, clean: np.ndarray, threshold: float = 
 
 @torch.no_grad()
 def embed(models: Sequence[nn.Module], images: np.ndarray, tokens: Tensor, normalize: ImageNormalizer,
-                autocast: Callable[[], AbstractContextManager], chunk: int = 512) -> tuple[Tensor, Tensor]:
+                autocast: Callable[[], AbstractContextManager], chunk: int = 512, unit: bool = True) -> tuple[Tensor, Tensor]:
     """Embeddings of ``images`` (uint8, each once) and of caption ``tokens``, in eval mode.
 
     With several models each one's L2-normalised embeddings are concatenated and scaled by
     1/sqrt(k), so ``image_emb @ text_emb.T`` is the models' averaged cosine similarity (NCR's ensemble).
+    ``unit=False`` keeps the encoders' raw outputs (no L2 normalisation).
     """
     scale = len(models) ** -0.5
     image_embs, text_embs = [], []
@@ -152,9 +153,9 @@ def embed(models: Sequence[nn.Module], images: np.ndarray, tokens: Tensor, norma
         was_training = model.training
         model.eval()
         with autocast():
-            image_embs.append(torch.cat([model.encode_image(normalize(images[i:i + chunk]), normalize=True).float()
+            image_embs.append(torch.cat([model.encode_image(normalize(images[i:i + chunk]), normalize=unit).float()
                                          for i in range(0, len(images), chunk)]))
-            text_embs.append(torch.cat([model.encode_text(tokens[i:i + chunk].to(normalize.device), normalize=True).float()
+            text_embs.append(torch.cat([model.encode_text(tokens[i:i + chunk].to(normalize.device), normalize=unit).float()
                                         for i in range(0, len(tokens), chunk)]))
         model.train(was_training)
     return torch.cat(image_embs, 1) * scale, torch.cat(text_embs, 1) * scale

@@ -20,3 +20,11 @@ def per_pair_infonce(logits: Tensor) -> Tensor:
 def infonce(logits: Tensor) -> Tensor:
     """The CLIP loss: mean of :func:`per_pair_infonce` over the batch (npc.md §3)."""
     return per_pair_infonce(logits).mean()
+
+
+def per_pair_soft_infonce(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-pair symmetric cross-entropy against soft targets ``T_ij = y_i·δ_ij + (1 − y_i)/B`` (baselines.md §2.4
+    ``soft_target``): at ``y_i = 1`` it is :func:`per_pair_infonce`; at ``y_i = 0`` pair i's target is uniform."""
+    logits, y = logits.float(), y.float()
+    target = torch.diag(y) + ((1 - y) / logits.shape[0])[:, None]
+    return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none"))

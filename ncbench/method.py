@@ -60,7 +60,7 @@ class Context:
 
     models: list[nn.Module]  # ``num_models`` fresh copies of the pretrained backbone, trained by the harness
     train: TrainSet  # the noisy training set
-    clean_subset: TrainSet | None  # only for methods with ``uses_clean_subset``
+    clean_subset: TrainSet | None  # clean pairs kept out of ``train`` before noise; only for ``uses_clean_subset``
     device: torch.device
     autocast: Callable[[], AbstractContextManager]
     rng: np.random.Generator  # the method's own stream, derived from the run seed
@@ -70,19 +70,24 @@ class Context:
     lr: float
     weight_decay: float
     make_optimizer: Callable[[Any], torch.optim.Optimizer]  # the harness's AdamW, for auxiliary models
+    # the harness's optimizers of ``models`` (current lr and moments are readable; the harness steps them)
+    optimizers: list[torch.optim.Optimizer] = dataclasses.field(default_factory=list)
 
-    def encode_train(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        """L2-normalised embeddings of every training image (once each) and every caption, in eval mode."""
-        return embed([model], self.train.images, self.train.tokens, self.train.normalize, self.autocast)
+    def encode_train(self, model: nn.Module, unit: bool = True) -> tuple[Tensor, Tensor]:
+        """Embeddings of every training image (once each) and every caption, in eval mode; L2-normalised unless
+        ``unit`` is False."""
+        return embed([model], self.train.images, self.train.tokens, self.train.normalize, self.autocast, unit=unit)
 
     @torch.no_grad()
-    def per_pair_loss(self, model: nn.Module, batch_size: int | None = None, seed: int = 0) -> np.ndarray:
+    def per_pair_loss(self, model: nn.Module, batch_size: int | None = None, seed: int = 0,
+                      embeddings: tuple[Tensor, Tensor] | None = None) -> np.ndarray:
         """Per-pair symmetric InfoNCE of every training pair inside seeded random batches (baselines.md §2.3).
 
-        Images and captions are encoded once; the loss of pair ``p`` uses the in-batch negatives
-        of the random batch ``p`` falls in, with the model's current logit scale.
+        Images and captions are encoded once (or ``embeddings``, the L2-normalised :meth:`encode_train` output, are
+        used); the loss of pair ``p`` uses the in-batch negatives of the random batch ``p`` falls in, with the
+        model's current logit scale.
         """
-        img, txt = self.encode_train(model)
+        img, txt = embeddings if embeddings is not None else self.encode_train(model)
         batch_size = batch_size or self.batch_size
         order = torch.from_numpy(np.random.default_rng(seed).permutation(len(self.train)))
         pair_image = torch.from_numpy(self.train.pair_image).to(self.device)
@@ -91,6 +96,14 @@ class Context:
             chunk = chunk.to(self.device)
             loss[chunk] = per_pair_infonce(pair_logits(img[pair_image[chunk]], txt[chunk], model.logit_scale.float()))
         return loss.cpu().numpy()
+
+
+def shuffled_batches(rng: np.random.Generator, pairs: int | np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Batches of ``size`` from ``pairs`` (a count, or an array of pair indices), shuffled by ``rng``, last partial
+    batch dropped."""
+    order = rng.permutation(pairs)
+    for i in range(len(order) // size):
+        yield order[i * size:(i + 1) * size]
 
 
 class Method:
@@ -117,10 +130,7 @@ class Method:
 
     def epoch_batches(self, epoch: int) -> Iterator[np.ndarray]:
         """Pair indices of each batch this epoch; default: every pair once, shuffled, last partial batch dropped."""
-        order = self.ctx.rng.permutation(len(self.ctx.train))
-        size = self.ctx.batch_size
-        for i in range(len(order) // size):
-            yield order[i * size:(i + 1) * size]
+        return shuffled_batches(self.ctx.rng, len(self.ctx.train), self.ctx.batch_size)
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         """Return named losses; ``"loss"`` is back-propagated by the harness, the rest are logged."""
@@ -129,6 +139,10 @@ class Method:
     def clean_scores(self) -> np.ndarray | None:
         """Per training pair, the method's probability that the pair is clean (None if it has none)."""
         return None
+
+    def clean_threshold(self) -> float:
+        """The clean score above which a pair counts as kept in the detection metrics."""
+        return 0.5
 
     def eval_models(self) -> list[nn.Module]:
         """The models whose averaged similarity is evaluated; default the first."""

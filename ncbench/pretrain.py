@@ -29,13 +29,18 @@ class PretrainSpec:
     seed: int = 0
 
 
+def current_spec() -> PretrainSpec:
+    """The default spec; ``NCBENCH_PRETRAIN_IMAGES`` / ``NCBENCH_PRETRAIN_EPOCHS`` shrink it for smoke tests."""
+    return PretrainSpec(corpus_images=int(os.environ.get("NCBENCH_PRETRAIN_IMAGES", PretrainSpec.corpus_images)),
+                        epochs=int(os.environ.get("NCBENCH_PRETRAIN_EPOCHS", PretrainSpec.epochs)))
+
+
 def pretrained_state(name: str, cache_dir: Path, spec: PretrainSpec | None = None) -> dict:
     """The cached pretrained weights of tiny model ``name``; pretrains first if absent."""
     from ncbench.backbone import config_digest
     from ncbench.datasets import synthetic
 
-    spec = spec or PretrainSpec(corpus_images=int(os.environ.get("NCBENCH_PRETRAIN_IMAGES", 40_000)),
-                                epochs=int(os.environ.get("NCBENCH_PRETRAIN_EPOCHS", PretrainSpec.epochs)))
+    spec = spec or current_spec()
     key = stable_hash(config_digest(name), asdict(spec), synthetic.GENERATOR_VERSION, synthetic.VOCABULARY)
     path = cache_dir / "backbones" / f"{name}-{key}.pt"
     if path.is_file():

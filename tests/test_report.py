@@ -1,0 +1,101 @@
+"""Leaderboards and plots from committed fixture records (tests/fixtures/records): 3 methods (clip at two lrs,
+gmm-filter with detection, mscn using clean data, one of its seeds missing at 60 %) x 2 noise ratios x 2 seeds,
+plus one run under another noise protocol."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ncbench import report
+from ncbench.cli import main
+from ncbench.errors import UserError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RECORDS = FIXTURES / "records"
+
+
+@pytest.mark.parametrize("fmt, ext", [("md", "md"), ("csv", "csv"), ("latex", "tex")])
+def test_leaderboard_matches_golden(tmp_path, fmt, ext):
+    """The CLI's leaderboard equals the committed golden file. After an intended change, regenerate with
+
+        for f in md csv latex; do e=$f; [ $f = latex ] && e=tex; ncbench leaderboard --results tests/fixtures/records \
+            --format $f --out tests/fixtures/golden/leaderboard.$e; done
+
+    and review the diff.
+    """
+    target = tmp_path / f"leaderboard.{ext}"
+    main(["leaderboard", "--results", str(RECORDS), "--format", fmt, "--out", str(target)])
+    assert target.read_text() == (FIXTURES / "golden" / f"leaderboard.{ext}").read_text()
+
+
+def test_cells_are_mean_and_sample_std_over_seeds():
+    (table, _) = report.tables(report.load_runs(RECORDS), "rsum")
+    mean, std, n = table.cell(False, "gmm-filter", 0.6)
+    assert (mean, n) == (403.5, 2) and std == pytest.approx(2 ** 0.5 * 3.5)  # 407 and 400: ddof=1
+    assert table.cell(True, "mscn", 0.6)[2] == 1 and table.rows(True) == ["mscn"]
+
+
+def test_settings_are_never_mixed(tmp_path):
+    """A record with other epochs becomes its own table, not a third seed of its method's cell."""
+    shutil.copytree(RECORDS, tmp_path / "records")
+    path = next(p for p in (tmp_path / "records").glob("gmm-filter_*n0.2_s0_*/result.json"))
+    record = json.loads(path.read_text())
+    record["config"]["epochs"] = 3
+    path.write_text(json.dumps(record))
+    tables = report.tables(report.load_runs(tmp_path / "records"), "rsum")
+    assert sorted(t.setting["epochs"] for t in tables) == [2, 2, 3]
+    assert [t.setting["noise_protocol"] for t in tables if t.setting["epochs"] == 2] == ["caption-shuffle", "hard"]
+
+
+def test_only_complete_records_count(tmp_path):
+    shutil.copytree(RECORDS, tmp_path / "records")
+    for path in (tmp_path / "records").glob("mscn_*/result.json"):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "status": "running"}))
+    assert "mscn" not in report.leaderboard(tmp_path / "records")
+
+
+def test_a_run_recorded_twice_is_refused(tmp_path):
+    shutil.copytree(RECORDS, tmp_path / "a")
+    shutil.copytree(RECORDS / next(p.name for p in RECORDS.iterdir()), tmp_path / "b" / "copy")
+    with pytest.raises(UserError, match="more than one record"):
+        report.load_runs(tmp_path)
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI in-process; it must exit 2 with one line on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    return stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "nope"], "--metric 'nope': expected one of i2t_medr"),
+    (["--protocol", "coco-5k"], "--protocol coco-5k: dataset synthetic has test protocols 1k"),
+    (["--format", "html"], "--format 'html': expected one of md, csv, latex"),
+    (["--dataset", "coco"], "--dataset 'coco': no records"),
+])
+def test_bad_options_are_one_line(capsys, args, message):
+    assert message in _error_line(capsys, ["leaderboard", "--results", str(RECORDS), *args])
+
+
+def test_no_records(capsys, tmp_path):
+    assert "no complete records" in _error_line(capsys, ["plot", "--results", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_latex_escapes_names():
+    assert report.tex_escape("a_b & 50% {x}") == r"a\_b \& 50\% \{x\}"
+
+
+def test_plot_writes_stability_and_detection_figures(tmp_path):
+    main(["plot", "--results", str(RECORDS), "--out", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    stems = {name.rsplit(".", 1)[0] for name in names}
+    assert len(names) == 2 * len(stems) and all((tmp_path / n).stat().st_size > 1000 for n in names)
+    assert sum(s.endswith("_rsum") for s in stems) == 2  # one per noise protocol
+    assert sum(s.endswith("_detection-auroc") for s in stems) == 1  # only gmm-filter reports detection
+    svg = next(tmp_path.glob("*caption-shuffle*_rsum.svg")).read_text()
+    assert "gmm-filter" in svg and "mscn [clean data]" in svg and "noise ratio (%)" in svg
