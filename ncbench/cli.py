@@ -75,32 +75,35 @@ def run(
     method_cls = METHODS.get(method)
     from ncbench import config, harness  # after the method: a bad one is reported without importing open_clip
 
-    if noise_file is not None:
-        noise, noise_protocol = _import_noise(noise_file, noise_protocol, noise, dataset, data_root, cache_dir)
     flags = dict(noise=noise, noise_protocol=noise_protocol, seed=seed, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
                  model=model, pretrained=pretrained, selection=selection, preset=preset, clean_fraction=clean_fraction,
                  data_root=str(data_root) if data_root else None)
     cfg = config.resolve(method_cls, flags, _parse_params(param))
+    if noise_file is not None:
+        cfg = _with_noise_file(cfg, noise_file, noise_protocol, cache_dir)
     record = harness.run(cfg, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"))
     _show_record(record, out_dir)
 
 
-def _import_noise(path: Path, protocol: str | None, noise: float, dataset: str, data_root: Path | None,
-                  cache_dir: Path) -> tuple[float, str]:
+def _with_noise_file(cfg, path: Path, protocol: str | None, cache_dir: Path):
     """``--noise-file``: store the file's noise as an artefact; the run then names it (ratio, ``file-<digest>``)."""
+    import dataclasses
+
     from ncbench.noise import import_file
 
     if protocol is not None:
         raise UserError("--noise-file and --noise-protocol: give one of them (the file is the protocol)")
-    imported, _ = import_file(path, _load_pairs(dataset, data_root, cache_dir), _writable_dir(cache_dir, "--cache-dir"),
-                              ratio=noise or None)
-    return imported.ratio, imported.protocol
+    pairs = _load_pairs(cfg.dataset, Path(cfg.data_root) if cfg.data_root else None, cache_dir, cfg.model)
+    imported, _ = import_file(path, pairs, cache_dir, ratio=cfg.noise or None)
+    return dataclasses.replace(cfg, noise=imported.ratio, noise_protocol=imported.protocol)
 
 
-def _load_pairs(dataset: str, data_root: Path | None, cache_dir: Path):
+def _load_pairs(dataset: str, data_root: Path | None, cache_dir: Path, model: str):
+    """The dataset as a run of ``model`` loads it (real images decoded at the model's input size)."""
+    from ncbench.backbone import input_size
     from ncbench.registry import DATASETS
 
-    return DATASETS.get(dataset)().load(data_root, _writable_dir(cache_dir, "--cache-dir"))
+    return DATASETS.get(dataset)().load(data_root, _writable_dir(cache_dir, "--cache-dir"), input_size(model))
 
 
 def _show_record(record: dict, out_dir: Path) -> None:
@@ -158,7 +161,7 @@ _NOISE = typer.Option(0.2, help="nominal noise ratio, in [0, 1)")
 _SEED = typer.Option(0, help="run seed the noise belongs to")
 _DATASET = typer.Option("synthetic", help="dataset adapter")
 _DATA_ROOT = typer.Option(None, help="folder of a real dataset")
-_MODEL = typer.Option("ncbench-tiny", help="open_clip architecture whose image embeddings `hard` uses on real data")
+_MODEL = typer.Option("ncbench-tiny", help="open_clip architecture of the runs: real images are decoded at its input size, and `hard` uses its image embeddings on data without attributes")
 _PRETRAINED = typer.Option("embedded", help="its weights: open_clip tag, checkpoint path or embedded")
 _CACHE = typer.Option(DEFAULT_CACHE, help="cache of generated data, models and noise artefacts")
 
@@ -167,7 +170,7 @@ def _noise_artefact(protocol: str, noise: float, seed: int, dataset: str, data_r
                     pretrained: str, cache_dir: Path, mode: str):
     from ncbench.noise import obtain
 
-    pairs = _load_pairs(dataset, data_root, cache_dir)
+    pairs = _load_pairs(dataset, data_root, cache_dir, model)
     artefact, path = obtain(pairs, protocol, noise, seed, cache_dir, model=model, pretrained=pretrained, mode=mode)
     return pairs, artefact, path
 
@@ -225,11 +228,12 @@ def noise_export(fmt: str = typer.Option(..., "--format", help="ncr (<dataset>_<
 @noise_app.command("import")
 def noise_import(path: Path = typer.Argument(..., help="an NCR/BiCro index (.npy, also RCL's per-image form) or NPC noisy captions (.txt)"),
                  noise: Optional[float] = typer.Option(None, help="nominal ratio [default: from the file name, else realised]"),
-                 dataset: str = _DATASET, data_root: Optional[Path] = _DATA_ROOT, cache_dir: Path = _CACHE) -> None:
+                 dataset: str = _DATASET, data_root: Optional[Path] = _DATA_ROOT, model: str = _MODEL,
+                 cache_dir: Path = _CACHE) -> None:
     """Store a paper's noise file as an artefact; runs use it with --noise-protocol file-<digest>."""
     from ncbench.noise import import_file
 
-    pairs = _load_pairs(dataset, data_root, cache_dir)
+    pairs = _load_pairs(dataset, data_root, cache_dir, model)
     artefact, stored = import_file(path, pairs, cache_dir, ratio=noise, flag="ncbench noise import")
     _show_noise(pairs, artefact, stored)
     out.print(f"use it with: ncbench run --dataset {dataset} --noise-protocol {artefact.protocol} --noise {artefact.ratio:g}")

@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("NCBENCH_CACHE", str(Path(__file__).resolve().parents[1] / ".ncbench-cache"))
 os.environ["NCBENCH_PRETRAIN_IMAGES"] = "2000"
 os.environ["NCBENCH_PRETRAIN_EPOCHS"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread per process avoids oversubscribing the cores
 
 
 def ncbench(*args: str, cwd: Path | None = None, timeout: float = 300,

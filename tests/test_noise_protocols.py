@@ -288,4 +288,4 @@ def test_hard_captions_sit_closer_to_their_images_under_the_pretrained_model(min
     clean = float((text * image[mini.train.caption_image]).sum(1).mean())
     for ratio in (0.2, 0.6):
         hard, shuffle = _make(mini, "hard", ratio), _make(mini, "caption-shuffle", ratio)
-        assert clean > _noisy_mean(hard, cosine) > _noisy_mean(shuffle, cosine) + 0.1  # 0.44 > 0.30 > 0.12
+        assert clean > _noisy_mean(hard, cosine) > _noisy_mean(shuffle, cosine) + 0.1  # 0.66 > 0.35 > 0.08
