@@ -41,6 +41,17 @@ def _parse_params(items: list[str]) -> dict[str, str]:
     return params
 
 
+# Options shared by `run` and `sweep` (one definition, so their flags cannot drift apart).
+_RUN_DATASET = typer.Option("synthetic", help="dataset adapter; default: the embedded synthetic world")
+_DATA_ROOT = typer.Option(None, help="folder of a real dataset")
+_EPOCHS = typer.Option(None, help="fine-tuning epochs [default 5]")
+_BATCH_SIZE = typer.Option(None, help="training batch size [default 128]")
+_LR = typer.Option(None, help="peak learning rate [default 5e-4]")
+_RUN_MODEL = typer.Option(None, help="open_clip architecture [default ncbench-tiny]")
+_RUN_PRETRAINED = typer.Option(None, help="weights: open_clip tag, checkpoint path, embedded or none")
+_SELECTION = typer.Option(None, help="model selection: best-dev-rsum or last")
+
+
 @app.command()
 def run(
     method: str = typer.Option("clip", help="method name (see `ncbench list`) or package.module:Class"),
@@ -50,14 +61,14 @@ def run(
     noise_file: Optional[Path] = typer.Option(
         None, help="use exactly this noise: an NCR/BiCro index (.npy) or NPC noisy captions (.txt) of the train split"),
     seed: int = typer.Option(0, help="run seed: noise, data order and method randomness"),
-    dataset: str = typer.Option("synthetic", help="dataset adapter; default: the embedded synthetic world"),
-    data_root: Optional[Path] = typer.Option(None, help="folder of a real dataset"),
-    epochs: Optional[int] = typer.Option(None, help="fine-tuning epochs [default 5]"),
-    batch_size: Optional[int] = typer.Option(None, help="training batch size [default 128]"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate [default 5e-4]"),
-    model: Optional[str] = typer.Option(None, help="open_clip architecture [default ncbench-tiny]"),
-    pretrained: Optional[str] = typer.Option(None, help="weights: open_clip tag, checkpoint path, embedded or none"),
-    selection: Optional[str] = typer.Option(None, help="model selection: best-dev-rsum or last"),
+    dataset: str = _RUN_DATASET,
+    data_root: Optional[Path] = _DATA_ROOT,
+    epochs: Optional[int] = _EPOCHS,
+    batch_size: Optional[int] = _BATCH_SIZE,
+    lr: Optional[float] = _LR,
+    model: Optional[str] = _RUN_MODEL,
+    pretrained: Optional[str] = _RUN_PRETRAINED,
+    selection: Optional[str] = _SELECTION,
     preset: Optional[str] = typer.Option(
         None, help="named settings per method and dataset family, under explicit flags: paper (ncbench/presets.py)"),
     clean_fraction: Optional[float] = typer.Option(
@@ -160,7 +171,6 @@ _NOISE_PROTOCOL = typer.Option("caption-shuffle", help="caption-shuffle, image-s
 _NOISE = typer.Option(0.2, help="nominal noise ratio, in [0, 1)")
 _SEED = typer.Option(0, help="run seed the noise belongs to")
 _DATASET = typer.Option("synthetic", help="dataset adapter")
-_DATA_ROOT = typer.Option(None, help="folder of a real dataset")
 _MODEL = typer.Option("ncbench-tiny", help="open_clip architecture of the runs: real images are decoded at its input size, and `hard` uses its image embeddings on data without attributes")
 _PRETRAINED = typer.Option("embedded", help="its weights: open_clip tag, checkpoint path or embedded")
 _CACHE = typer.Option(DEFAULT_CACHE, help="cache of generated data, models and noise artefacts")
@@ -245,14 +255,14 @@ def sweep(
     noise: str = typer.Option("0,0.2,0.4,0.6", help="comma-separated noise ratios, each in [0, 1)"),
     seeds: str = typer.Option("0,1,2", help="comma-separated run seeds"),
     noise_protocol: Optional[str] = typer.Option(None, help="noise protocol of every run [default caption-shuffle]"),
-    dataset: str = typer.Option("synthetic", help="dataset adapter; default: the embedded synthetic world"),
-    data_root: Optional[Path] = typer.Option(None, help="folder of a real dataset"),
-    epochs: Optional[int] = typer.Option(None, help="fine-tuning epochs [default 5]"),
-    batch_size: Optional[int] = typer.Option(None, help="training batch size [default 128]"),
-    lr: Optional[float] = typer.Option(None, help="peak learning rate [default 5e-4]"),
-    model: Optional[str] = typer.Option(None, help="open_clip architecture [default ncbench-tiny]"),
-    pretrained: Optional[str] = typer.Option(None, help="weights: open_clip tag, checkpoint path, embedded or none"),
-    selection: Optional[str] = typer.Option(None, help="model selection: best-dev-rsum or last"),
+    dataset: str = _RUN_DATASET,
+    data_root: Optional[Path] = _DATA_ROOT,
+    epochs: Optional[int] = _EPOCHS,
+    batch_size: Optional[int] = _BATCH_SIZE,
+    lr: Optional[float] = _LR,
+    model: Optional[str] = _RUN_MODEL,
+    pretrained: Optional[str] = _RUN_PRETRAINED,
+    selection: Optional[str] = _SELECTION,
     preset: Optional[str] = typer.Option(None, help="named settings per method and dataset family: paper"),
     plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
     jobs: int = typer.Option(1, "--jobs", "-j", help="runs at a time: 1 runs them in this process, N > 1 in N "
