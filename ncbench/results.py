@@ -11,7 +11,6 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 RECORD = "result.json"
 CHECKPOINT = "checkpoint.pt"
-NOISE = "noise.npz"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
