@@ -26,7 +26,7 @@ from ncbench.methods.mscn import MSCN
 from ncbench.optim import adamw, set_lr
 
 
-def make_context(n_images: int, batch_size: int, seed: int) -> Context:
+def make_context(n_images: int, batch_size: int, seed: int, epochs: int = 5) -> Context:
     """A clean synthetic training split with a 2 % clean subset, a fresh ncbench-tiny and its AdamW."""
     split = generate("downstream", n_images, seed)
     pairs, clean = carve_clean_subset(Pairs("bench", split, split, split), 0.02, seed)
@@ -37,7 +37,7 @@ def make_context(n_images: int, batch_size: int, seed: int) -> Context:
     model = backbone.model.train()
     optimizer = adamw(model.parameters(), 5e-4, 0.1)
     return Context(models=[model], train=train, clean_subset=meta, device=torch.device("cpu"), autocast=nullcontext,
-                   rng=np.random.default_rng(seed), seed=seed, epochs=5, batch_size=batch_size, lr=5e-4,
+                   rng=np.random.default_rng(seed), seed=seed, epochs=epochs, batch_size=batch_size, lr=5e-4,
                    weight_decay=0.1, make_optimizer=lambda p: adamw(p, 5e-4, 0.1), optimizers=[optimizer])
 
 

@@ -1,7 +1,7 @@
 """MSCN-style meta-correction (mscn.md §7) and the harness's clean subset (§7.6)."""
 import json
 import os
-from contextlib import nullcontext
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +9,18 @@ import pytest
 import torch
 
 from ncbench import config, harness
-from ncbench.backbone import load_backbone, tiny_tokenizer
-from ncbench.data import ImageNormalizer, Pairs
+from ncbench.backbone import tiny_tokenizer
+from ncbench.data import Pairs
 from ncbench.datasets.synthetic import generate
 from ncbench.errors import UserError
 from ncbench.losses import infonce, pair_logits
-from ncbench.method import Context, TrainSet
+from ncbench.method import Context
 from ncbench.methods.clip import CLIPFineTune
 from ncbench.methods.mscn import MSCN, MetaNet, MSCNParams, fit_beta, meta_bce, purify, virtual_projections
-from ncbench.optim import adamw
 from ncbench.registry import DATASETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from mscn_step import make_context  # noqa: E402
 
 MINI = ("--dataset", "synthetic-mini", "--epochs", "1")
 
@@ -71,18 +73,8 @@ def test_meta_gradient_flows_through_the_virtual_step_and_matches_central_differ
 # --- the method on a real tiny CLIP ------------------------------------------------------------------------------
 def _context(batch_size: int = 32) -> Context:
     """60 synthetic images (300 pairs, clean pairing), 6 of them carved out as the clean subset; random tiny CLIP."""
-    split = generate("downstream", 60, seed=0)
-    pairs, clean = harness.carve_clean_subset(Pairs("toy", split, split, split), 0.02, seed=0)
     torch.manual_seed(0)
-    backbone = load_backbone("ncbench-tiny", "none", None)
-    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, torch.device("cpu"))
-    train = TrainSet(pairs.train.images, backbone.tokenize(pairs.train.captions), pairs.train.caption_image, normalize)
-    meta = TrainSet(clean.images, backbone.tokenize(clean.captions), clean.caption_image, normalize)
-    model = backbone.model.train()
-    optimizer = adamw(model.parameters(), 5e-4, 0.1)
-    return Context(models=[model], train=train, clean_subset=meta, device=torch.device("cpu"), autocast=nullcontext,
-                   rng=np.random.default_rng(0), seed=0, epochs=2, batch_size=batch_size, lr=5e-4, weight_decay=0.1,
-                   make_optimizer=lambda p: adamw(p, 5e-4, 0.1), optimizers=[optimizer])
+    return make_context(60, batch_size, seed=0, epochs=2)
 
 
 def _meta_state(method: MSCN) -> torch.Tensor:
