@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from ncbench import evaluate
 from ncbench.backbone import input_size, load_backbone, weights_source
 from ncbench.config import RunConfig, check_clean_fraction
 from ncbench.data import ImageNormalizer, Pairs, Split
+from ncbench.device import autocast_for, select_device
 from ncbench.errors import UserError
 from ncbench.method import Batch, Context, Method, TrainSet
 from ncbench.noise import NoisyPairing, obtain
@@ -53,8 +53,8 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
     timing["backbone_s"] = time.perf_counter() - clock
 
     seed_everything(derive_seed("run", cfg.seed))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    device = select_device()
+    autocast = autocast_for(device)
     normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
     splits = {name: (getattr(pairs, name), backbone.tokenize(getattr(pairs, name).captions)) for name in ("train", "dev", "test")}
     train = TrainSet(pairs.train.images, splits["train"][1], noise.assigned_image, normalize)

@@ -316,8 +316,9 @@ def image_embeddings(backbone, images: np.ndarray, chunk: int = 256) -> np.ndarr
     import torch
 
     from ncbench.data import ImageNormalizer
+    from ncbench.device import select_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device()
     model = backbone.model.to(device).eval()
     normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
     with torch.no_grad():

@@ -10,6 +10,7 @@ import open_clip
 import torch
 
 from ncbench.data import ImageNormalizer
+from ncbench.device import select_device
 from ncbench.losses import infonce, pair_logits
 from ncbench.optim import adamw, set_lr, warmup_cosine
 from ncbench.progress import progress_bar
@@ -58,7 +59,7 @@ def _pretrain(name: str, corpus, spec: PretrainSpec) -> dict:
     from ncbench.backbone import OPENAI_MEAN, OPENAI_STD, _image_size, model_config, tiny_tokenizer
 
     seed_everything(spec.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device()
     model = open_clip.create_model(name).to(device).train()
     tokens = tiny_tokenizer(name)(corpus.captions)
     normalize = ImageNormalizer(OPENAI_MEAN, OPENAI_STD, _image_size(model_config(name)), device)
