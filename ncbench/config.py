@@ -52,8 +52,12 @@ class RunConfig:
             raise UserError(f"--clean-fraction must be in [0, 0.5), got {self.clean_fraction}")
 
     def identity(self) -> dict:
-        """The fields that name the run, plus the pretraining recipe when the weights are made here."""
+        """The fields that name the run, plus a digest of the model's architecture config (the built-in tiny
+        configs can change between versions) and the pretraining recipe when the weights are made here."""
+        from ncbench.backbone import config_digest
+
         fields = {k: v for k, v in asdict(self).items() if k != "data_root"}
+        fields["architecture"] = stable_hash(config_digest(self.model), length=10)
         if not self.clean_fraction:  # runs without a clean subset keep the ids they had before the field existed
             del fields["clean_fraction"]
         if self.pretrained == "embedded":

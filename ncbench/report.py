@@ -21,7 +21,7 @@ from ncbench.evaluate import METRICS
 from ncbench.results import iter_records
 from ncbench.seeding import stable_hash
 
-SETTING = ("dataset", "noise_protocol", "model", "pretrained", "pretrain", "epochs", "selection")
+SETTING = ("dataset", "noise_protocol", "model", "architecture", "pretrained", "pretrain", "epochs", "selection")
 NOT_VARIANT = SETTING + ("method", "noise", "seed", "preset")  # the preset's name is not part of a run's identity
 SELECTION_NAMES = {"best-dev-rsum": "best dev rSum", "last": "last epoch"}
 TRACKS = {False: "noisy data only", True: "uses clean data"}
@@ -41,6 +41,7 @@ def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
             "dataset": record["dataset"]["name"],
             "noise_protocol": record["noise"]["protocol"],
             "model": cfg["model"],
+            "architecture": cfg.get("architecture", ""),
             "pretrained": cfg["pretrained"],
             "pretrain": json.dumps(cfg["pretrain"], sort_keys=True, separators=(",", ":")) if cfg.get("pretrain") else "",
             "epochs": cfg["epochs"],
