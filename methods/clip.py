@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ncbench.distributed import gather_features
 from ncbench.losses import infonce, pair_logits
 from ncbench.method import Batch, Method
 
@@ -12,8 +13,9 @@ class CLIPFineTune(Method):
 
     name = "clip"
     description = "plain CLIP fine-tuning with symmetric InfoNCE (no noise handling)"
+    supports_distributed = True  # the loss sees the global batch: features gathered over the processes
 
     def training_step(self, batch: Batch) -> dict[str, Tensor]:
         model = self.ctx.models[0]
-        image, text = model(batch.images, batch.tokens)[:2]
+        image, text = gather_features(*model(batch.images, batch.tokens)[:2])
         return {"loss": infonce(pair_logits(image, text, model.logit_scale))}

@@ -20,6 +20,7 @@ class GmmFilter(CLIPFineTune):
     name = "gmm-filter"
     description = "per-epoch GMM on per-pair InfoNCE; train only on pairs judged clean (NCR's division, one model)"
     Params = DivisionParams
+    supports_distributed = False  # unlike its parent clip: each process would fit its own GMM over every pair
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)

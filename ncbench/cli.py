@@ -93,7 +93,8 @@ def run(
     if noise_file is not None:
         cfg = _with_noise_file(cfg, noise_file, noise_protocol, cache_dir)
     record = harness.run(cfg, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"))
-    _show_record(record, out_dir)
+    if record is not None:  # None: a torchrun rank other than 0, which writes nothing
+        _show_record(record, out_dir)
 
 
 def _with_noise_file(cfg, path: Path, protocol: str | None, cache_dir: Path):
@@ -366,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)

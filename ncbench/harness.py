@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncbench import evaluate
+from ncbench import distributed, evaluate
 from ncbench.backbone import input_size, load_backbone, weights_source
 from ncbench.config import RunConfig, check_clean_fraction
 from ncbench.data import ImageNormalizer, Pairs, Split
@@ -25,12 +25,18 @@ from ncbench.results import CHECKPOINT, RECORD, SCHEMA_VERSION, environment, loa
 from ncbench.seeding import derive_seed, seed_everything
 
 
-def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
-    """Run ``cfg`` (resuming from its checkpoint if one exists) and return its record; a done run is not rerun."""
+def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict | None:
+    """Run ``cfg`` (resuming from its checkpoint if one exists) and return its record; a done run is not rerun.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process trains its slice of each global batch and only rank 0
+    evaluates, writes the checkpoints and the record; the other ranks return None.
+    """
     run_dir = Path(out_root) / cfg.run_id
     done = load_record(run_dir)
     if done is not None and done.get("status") == "complete":
         return done
+    world = distributed.world()
+    distributed.check_run(METHODS.get(cfg.method), cfg.batch_size, world)
     dataset_cls = DATASETS.get(cfg.dataset)
     data_root = Path(cfg.data_root) if cfg.data_root else None
     dataset_cls.check_run(data_root, cfg.noise)  # before anything is written
@@ -43,14 +49,15 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
     method_cls = METHODS.get(cfg.method)
     method: Method = method_cls(method_cls.Params(**cfg.params))
     check_clean_fraction(method_cls, cfg.clean_fraction)
-    pairs: Pairs = dataset_cls().load(data_root, cache_dir, resolution)  # real images decoded at the model's size
-    pairs, clean = carve_clean_subset(pairs, cfg.clean_fraction, cfg.seed)  # before the noise touches train
-    noise = _noise(cfg, pairs, cache_dir)
-    timing["data_s"] = time.perf_counter() - clock
+    with distributed.main_first(world):  # rank 0 builds the caches the others then read
+        pairs: Pairs = dataset_cls().load(data_root, cache_dir, resolution)  # real images decoded at the model's size
+        pairs, clean = carve_clean_subset(pairs, cfg.clean_fraction, cfg.seed)  # before the noise touches train
+        noise = _noise(cfg, pairs, cache_dir)
+        timing["data_s"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    backbone = load_backbone(cfg.model, cfg.pretrained, cache_dir)
-    timing["backbone_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        backbone = load_backbone(cfg.model, cfg.pretrained, cache_dir)
+        timing["backbone_s"] = time.perf_counter() - clock
 
     seed_everything(derive_seed("run", cfg.seed))
     device = select_device()
@@ -60,7 +67,8 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
     train = TrainSet(pairs.train.images, splits["train"][1], noise.assigned_image, normalize)
     clean_subset = None if clean is None else TrainSet(clean.images, backbone.tokenize(clean.captions),
                                                        clean.caption_image, normalize)
-    models = [copy.deepcopy(backbone.model).to(device).train() for _ in range(method_cls.num_models)]
+    models = distributed.wrap([copy.deepcopy(backbone.model).to(device).train() for _ in range(method_cls.num_models)],
+                              world)
     optimizers = [adamw(m.parameters(), cfg.lr, cfg.weight_decay) for m in models]
     ctx = Context(models=models, train=train, clean_subset=clean_subset, device=device, autocast=autocast,
                   rng=np.random.default_rng(derive_seed("method", cfg.seed)), seed=cfg.seed, epochs=cfg.epochs,
@@ -80,7 +88,7 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
     method.setup(ctx)
     if state is None:
         clock = time.perf_counter()
-        state = {"epoch": 0, "history": [], "best": None, "zero_shot": test_metrics(models[:1])}
+        state = {"epoch": 0, "history": [], "best": None, "zero_shot": test_metrics(models[:1]) if world.is_main else None}
         timing["zero_shot_eval_s"] = time.perf_counter() - clock
     else:
         for model, saved in zip(models, state["models"]):
@@ -100,11 +108,13 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
         with progress_bar(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", len(batches)) as advance:
             for i, index in enumerate(batches):
                 lr = cfg.lr * warmup_cosine((epoch + i / len(batches)) / cfg.epochs, warmup)
-                losses = train_step(method, train.batch(index), optimizers, lr, cfg.grad_clip)
+                losses = train_step(method, train.batch(distributed.shard(index, world)), optimizers, lr, cfg.grad_clip)
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
                 advance(**{k: float(v.detach()) for k, v in losses.items()})
         train_s = time.perf_counter() - clock
+        if not world.is_main:
+            continue
         entry = {"epoch": epoch + 1, "steps": len(batches), "train_s": round(train_s, 2),
                  "losses": {k: v / max(len(batches), 1) for k, v in sums.items()}}
         scores = method.clean_scores()
@@ -119,6 +129,8 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
                              "models": [_cpu_state(m) for m in method.eval_models()]}
         state["epoch"] = epoch + 1
         _save_checkpoint(run_dir / CHECKPOINT, state, models, optimizers, method, ctx)
+    if not world.is_main:
+        return None
 
     clock = time.perf_counter()
     eval_models = method.eval_models()
@@ -141,6 +153,8 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict:
         "noise": {"protocol": noise.protocol, "ratio": noise.ratio, "realised_ratio": noise.realised_ratio,
                   "digest": noise.digest},
         "selection": {"rule": cfg.selection, "epoch": state["best"]["epoch"]},
+        "distributed": {"world_size": world.size, "backend": world.backend, "global_batch": cfg.batch_size,
+                        "batch_per_process": cfg.batch_size // world.size},
         "zero_shot": state["zero_shot"],
         "test": test,
         "epochs": state["history"],

@@ -117,6 +117,9 @@ class Method:
     num_models: ClassVar[int] = 1
     computes_gradients: ClassVar[bool] = False  # True: training_step fills .grad itself; the harness clips and steps
     run_defaults: ClassVar[dict] = {}  # harness settings this method changes by default, e.g. {"grad_clip": 10.0}
+    # True: the method runs in several processes (torchrun): its models are DDP-wrapped, each process gets its
+    # slice of every global batch, and its loss gathers features over them (ncbench.distributed.gather_features)
+    supports_distributed: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
