@@ -266,10 +266,18 @@ def sweep(
     selection: Optional[str] = _SELECTION,
     preset: Optional[str] = typer.Option(None, help="named settings per method and dataset family: paper"),
     plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="runs at a time: 1 runs them in this process, N > 1 in N "
-                             "`ncbench run` workers with cores/N torch threads each"),
-    launcher: str = typer.Option("local", help="where the runs execute: local (this machine)"),
-    status: bool = typer.Option(False, "--status", help="list each run as done, incomplete or not started; run nothing"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="local: runs at a time: 1 runs them in this process, "
+                                       "N > 1 in N `ncbench run` workers with cores/N torch threads each [default 1]"),
+    launcher: str = typer.Option("local", help="where the runs execute: local (this machine) or slurm (one job array "
+                                 "through submitit; needs ncbench[slurm])"),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition of the jobs [default: the cluster's]"),
+    gpus_per_run: Optional[int] = typer.Option(None, help="slurm: GPUs (and DDP processes) of each run, on one node; "
+                                               "0 for CPU-only jobs [default 1]"),
+    time: Optional[int] = typer.Option(None, "--time", help="slurm: time limit of each job in minutes; a run that "
+                                       "needs longer is requeued and resumes from its checkpoint [default 240]"),
+    array_parallelism: Optional[int] = typer.Option(None, help="slurm: runs of the array at a time [default 256]"),
+    status: bool = typer.Option(False, "--status", help="list each run as done, incomplete or not started (with "
+                                "--launcher slurm also queued, running or failed); run nothing"),
     out_dir: Path = typer.Option(Path("results/runs"), "--out", help="folder of run records"),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models"),
 ) -> None:
@@ -284,10 +292,17 @@ def sweep(
                     selection=selection, preset=preset)
     grid = sweeps.expand(sweeps.parse_list(methods, str, "--methods"), sweeps.parse_list(noise, float, "--noise"),
                          sweeps.parse_list(seeds, int, "--seeds"), settings, plugin)
+    options = _launcher_options(launcher, jobs, partition, gpus_per_run, time, array_parallelism)
     if status:
-        _show_status(sweeps.statuses(grid, out_dir), out_dir)
+        if launcher == "slurm":
+            from ncbench import slurm
+
+            _show_status(slurm.statuses(grid, out_dir), out_dir)
+        else:
+            _show_status(sweeps.statuses(grid, out_dir), out_dir)
         return
-    summary = sweeps.sweep(grid, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"), jobs, launcher)
+    summary = sweeps.sweep(grid, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"),
+                           1 if jobs is None else jobs, launcher, options)
     out.print(f"sweep of {summary.total} run{'s' if summary.total != 1 else ''}: {summary.skipped} already done, "
               f"{summary.ran} ran ({summary.resumed} resumed from a checkpoint), {len(summary.failed)} failed")
     for run_id, why in summary.failed.items():
@@ -296,19 +311,40 @@ def sweep(
         sys.exit(1)
 
 
+def _launcher_options(launcher: str, jobs: int | None, partition: str | None, gpus_per_run: int | None,
+                      time: int | None, array_parallelism: int | None):
+    """The launcher's own settings (slurm.Options for slurm); a flag of the other launcher is an error."""
+    slurm_flags = {"--partition": partition, "--gpus-per-run": gpus_per_run, "--time": time,
+                   "--array-parallelism": array_parallelism}
+    if launcher != "slurm":
+        given = [flag for flag, value in slurm_flags.items() if value is not None]
+        if given:
+            hint = " (on one machine: torchrun --nproc_per_node N -m ncbench run ...)" if gpus_per_run else ""
+            raise UserError(f"{given[0]}: only with --launcher slurm{hint}")
+        return None
+    if jobs is not None:
+        raise UserError("--jobs: only with --launcher local; with slurm, --array-parallelism sets the runs at a time")
+    from ncbench.slurm import Options
+
+    defaults = Options()
+    return Options(partition, defaults.gpus_per_run if gpus_per_run is None else gpus_per_run,
+                   defaults.time_min if time is None else time, array_parallelism)
+
+
 def _show_status(states: list, out_dir: Path) -> None:
     from collections import Counter
 
     from ncbench.sweep import State
 
-    style = {State.DONE: "green", State.INCOMPLETE: "yellow", State.NOT_STARTED: "dim"}
+    style = {State.DONE: "green", State.RUNNING: "cyan", State.QUEUED: "blue", State.FAILED: "red",
+             State.INCOMPLETE: "yellow", State.NOT_STARTED: "dim"}
     table = Table("state", "run id", title=f"{len(states)} runs in {out_dir}")
     table.columns[1].no_wrap = True
     for job, state in states:
         table.add_row(f"[{style[state]}]{state.value}[/]", job.run_id)
     out.print(table)
     counts = Counter(state for _, state in states)
-    out.print(", ".join(f"{counts[state]} {state.value}" for state in State))
+    out.print(", ".join(f"{counts[state]} {state.value}" for state in State if counts[state]))
 
 
 _RESULTS = typer.Option(Path("results/runs"), "--results", help="folder of run records (searched recursively)")

@@ -7,7 +7,8 @@ checkpoint (the harness does this at epoch granularity); anything else has not s
 
 A launcher is a plain function ``launcher(jobs, launch)`` in :data:`LAUNCHERS`: it runs every job, calling
 ``launch.progress.started(job)`` and ``launch.progress.finished(job, error)`` around each. Success is
-read afterwards from the run folders, not taken from the launcher.
+read afterwards from the run folders, not taken from the launcher. ``local`` runs here; ``slurm``
+(ncbench/slurm.py) submits a job array and follows it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -37,9 +38,12 @@ LOG = "run.log"  # a worker's stdout and stderr, beside its run (ignored by git)
 
 
 class State(str, Enum):
-    """Where a run stands, read from its folder."""
+    """Where a run stands, read from its folder (and, for a submitted run, the scheduler's queue)."""
 
     DONE = "done"  # a complete record exists
+    RUNNING = "running"  # submitted to a scheduler and started there (slurm)
+    QUEUED = "queued"  # submitted to a scheduler, waiting there (slurm)
+    FAILED = "failed"  # submitted to a scheduler, gone from its queue without a record (slurm)
     INCOMPLETE = "incomplete"  # a checkpoint but no record: resumes from the checkpoint
     NOT_STARTED = "not started"  # nothing to reuse
 
@@ -154,6 +158,7 @@ class Launch:
     cache_dir: Path
     workers: int  # runs at a time
     progress: SweepProgress
+    options: Any = None  # the launcher's own settings (slurm.Options for slurm)
 
 
 Launcher = Callable[[Sequence[Job], Launch], None]
@@ -168,7 +173,14 @@ def local(jobs: Sequence[Job], launch: Launch) -> None:
         _subprocesses(jobs, launch)
 
 
-LAUNCHERS: dict[str, Launcher] = {"local": local}
+def slurm(jobs: Sequence[Job], launch: Launch) -> None:
+    """Submit to Slurm as one job array through submitit and follow it (ncbench/slurm.py)."""
+    from ncbench import slurm as slurm_launcher
+
+    slurm_launcher.submit_and_wait(jobs, launch)
+
+
+LAUNCHERS: dict[str, Launcher] = {"local": local, "slurm": slurm}
 
 
 def _in_process(jobs: Sequence[Job], launch: Launch) -> None:
@@ -267,8 +279,9 @@ def statuses(jobs: Sequence[Job], out_dir: Path) -> list[tuple[Job, State]]:
     return [(job, run_state(out_dir / job.run_id)) for job in jobs]
 
 
-def sweep(jobs: Sequence[Job], out_dir: Path, cache_dir: Path, workers: int = 1, launcher: str = "local") -> Summary:
-    """Run every job not yet done with the named launcher; returns what happened."""
+def sweep(jobs: Sequence[Job], out_dir: Path, cache_dir: Path, workers: int = 1, launcher: str = "local",
+          options: Any = None) -> Summary:
+    """Run every job not yet done with the named launcher (``options``: its own settings); returns what happened."""
     if launcher not in LAUNCHERS:
         raise UserError(f"--launcher {launcher!r}: unknown; available: {', '.join(LAUNCHERS)}")
     if workers < 1:
@@ -278,7 +291,7 @@ def sweep(jobs: Sequence[Job], out_dir: Path, cache_dir: Path, workers: int = 1,
     resumed = sum(state is State.INCOMPLETE for _, state in states)
     with SweepProgress(len(jobs), len(jobs) - len(todo)) as progress:
         if todo:
-            LAUNCHERS[launcher](todo, Launch(out_dir, cache_dir, min(workers, len(todo)), progress))
+            LAUNCHERS[launcher](todo, Launch(out_dir, cache_dir, min(workers, len(todo)), progress, options))
     failed = dict(progress.errors)
     for job in todo:
         if job.run_id not in failed and run_state(out_dir / job.run_id) is not State.DONE:

@@ -95,7 +95,7 @@ def test_status_lists_each_run_and_runs_nothing(tmp_path, capsys):
     (["--methods", "clip,nope"], "unknown method 'nope'"),
     (["--methods", "clip", "--noise", "1"], "--noise must be in [0, 1)"),
     (["--methods", "clip", "--jobs", "0"], "--jobs must be >= 1"),
-    (["--methods", "clip", "--launcher", "cloud"], "--launcher 'cloud': unknown; available: local"),
+    (["--methods", "clip", "--launcher", "cloud"], "--launcher 'cloud': unknown; available: local, slurm"),
 ])
 def test_bad_sweep_options_are_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
