@@ -97,6 +97,7 @@ def test_a_cancelled_array_is_resubmitted_for_its_missing_runs_only(on_cluster, 
     assert [state for _, state in slurm.statuses(jobs, out)] == [sweep.State.DONE] * 3
 
 
+@pytest.mark.slow  # about 60 s alone; keeps the default suite within CI's 10 minutes (run with -m slow)
 def test_a_preempted_two_gpu_run_is_requeued_and_resumes_from_its_checkpoint(on_cluster, tmp_path):
     """A run on 2 (stand-in) GPUs is two DDP processes, the job's tasks. USR2 is the signal Slurm sends before a
     time limit or a preemption: submitit checkpoints the task and requeues the job, which resumes the run from the
