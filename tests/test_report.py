@@ -99,3 +99,9 @@ def test_plot_writes_stability_and_detection_figures(tmp_path):
     assert sum(s.endswith("_detection-auroc") for s in stems) == 1  # only gmm-filter reports detection
     svg = next(tmp_path.glob("*caption-shuffle*_rsum.svg")).read_text()
     assert "gmm-filter" in svg and "mscn [clean data]" in svg and "noise ratio (%)" in svg
+
+
+def test_committed_leaderboard_matches_committed_records():
+    """results/leaderboard.md is what `ncbench leaderboard --results results/reference` writes (README's command)."""
+    results = Path(__file__).parent.parent / "results"
+    assert report.leaderboard(results / "reference") == (results / "leaderboard.md").read_text()
