@@ -50,7 +50,6 @@ def test_fused_official_step_equals_the_unfused_reference():
     assert (m_fused - m_ref).norm() <= 1e-4 * m_ref.norm()  # the siamese AdamW saw 4 x the batch gradient in both
     # parameters: Adam turns float noise in near-zero gradients into a few % of a step (lr = 2e-4) on a few weights
     # (measured 1.5 % on the MLP-2 tiny model); a wrong weight or gradient scale moves weights by about a step
-    torch.testing.assert_close(_flat(fused_params), _flat(reference_params), rtol=0, atol=1e-5)
     assert (_flat(fused_params) - _flat(reference_params)).abs().max() < 5e-2 * ctx.lr
 
 
