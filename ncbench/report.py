@@ -36,6 +36,7 @@ def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
     for record in iter_records(root):
         cfg = record["config"]
         last = record["epochs"][-1] if record["epochs"] else {}
+        auroc = (last.get("detection") or {}).get("auroc")  # null where undefined (every pair clean)
         rows.append({
             "run_id": record["run_id"],
             "dataset": record["dataset"]["name"],
@@ -53,7 +54,7 @@ def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
             "noise": float(record["noise"]["ratio"]),
             "seed": int(cfg["seed"]),
             "test": record["test"],
-            "auroc": (last.get("detection") or {}).get("auroc", math.nan),
+            "auroc": math.nan if auroc is None else auroc,
         })
     if not rows:
         raise UserError(f"--results {root}: no complete records (result.json) found")

@@ -13,6 +13,17 @@ def test_round_trip(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / RECORD]
 
 
+def test_undefined_numbers_are_written_as_null(tmp_path):
+    """Records are strict JSON (jq, JavaScript): nan and inf, e.g. AUROC with no noisy pair, become null."""
+    write_json_atomic(tmp_path / RECORD, {"auroc": float("nan"), "epochs": [{"ap": float("inf"), "f1": 0.5}]})
+    text = (tmp_path / RECORD).read_text()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in {text}")
+
+    assert json.loads(text, parse_constant=refuse) == {"auroc": None, "epochs": [{"ap": None, "f1": 0.5}]}
+
+
 def test_writer_killed_mid_write_leaves_no_record(tmp_path):
     """A child process starts writing a large record and is killed before the rename."""
     script = textwrap.dedent(f"""
