@@ -1,6 +1,7 @@
 """The ``ncbench`` command line: parses, calls the library, renders with rich."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -9,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ncbench.errors import UserError
@@ -397,8 +399,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 
+def _click_errors() -> tuple[type, ...]:
+    """Click's exception base classes: typer's bundled copy (typer >= 0.17) and click itself, whichever exist."""
+    classes = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            classes.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            pass
+    return tuple(classes)
+
+
+def _usage_line(e: Exception) -> str:
+    """A click error as one line: the message (it names the flag, value or command) and where help is."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    return f"{message}; see '{ctx.command_path if ctx is not None else 'ncbench'} --help'"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors for bad input, exit code 2."""
+    """Entry point: bad input of any kind is one line on stderr and exit code 2; no traceback."""
     warnings.showwarning = _show_warning
     try:
         app(args=argv, standalone_mode=False)
@@ -406,12 +426,14 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Abort:
+    except _click_errors() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `ncbench` or `ncbench noise`: the help is the answer
+            out.print(e.ctx.get_help(), highlight=False, markup=False)
+            sys.exit(0)
+        err.print("[red]error:[/red] " + escape(_usage_line(e)), highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt) as e:
+        cause = e.__cause__ or e.__context__
+        if cause is not None and not isinstance(cause, KeyboardInterrupt):
+            raise cause  # click turns an EOFError anywhere into Abort; an internal error must not look like Ctrl-C
         sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise

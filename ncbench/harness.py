@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncbench import distributed, evaluate
+from ncbench import checkpoint, distributed, evaluate
 from ncbench.backbone import input_size, load_backbone, weights_source
 from ncbench.config import RunConfig, check_clean_fraction
 from ncbench.data import ImageNormalizer, Pairs, Split
@@ -84,7 +84,7 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict | None:
         img, txt = evaluate.embed(eval_models, splits["dev"][0].images, splits["dev"][1], normalize, autocast)
         return evaluate.evaluate_protocol("1k", img, txt, torch.from_numpy(splits["dev"][0].caption_image))
 
-    state = _load_checkpoint(run_dir / CHECKPOINT)
+    state = checkpoint.load(run_dir / CHECKPOINT)
     method.setup(ctx)
     if state is None:
         clock = time.perf_counter()
@@ -234,14 +234,9 @@ def _cpu_state(model: torch.nn.Module) -> dict:
 
 
 def _save_checkpoint(path: Path, state: dict, models, optimizers, method: Method, ctx: Context) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**state, "models": [_cpu_state(m) for m in models], "optimizers": [o.state_dict() for o in optimizers],
-                "method": method.state_dict(), "rng": ctx.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
-    tmp.replace(path)
-
-
-def _load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    checkpoint.save(path, {**state, "models": [_cpu_state(m) for m in models],
+                           "optimizers": [o.state_dict() for o in optimizers], "method": method.state_dict(),
+                           "rng": ctx.rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -107,7 +107,7 @@ def test_a_preempted_two_gpu_run_is_requeued_and_resumes_from_its_checkpoint(on_
     run = _start_sweep(_sweep_args(out, "0.4", "--gpus-per-run", "2", epochs=2))
     checkpoint = out / job.run_id / CHECKPOINT
     _until(lambda: checkpoint.exists() or run.poll() is not None, what="the first epoch's checkpoint")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     job_id = slurm.submitted(out)[job.run_id]
     assert on_cluster.run("scancel", "--signal=USR2", job_id).returncode == 0
     stdout, stderr = run.communicate(timeout=600)

@@ -184,7 +184,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(cli, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert checkpoint.exists() and not (out / job.run_id / RECORD).exists(), "the run was not caught mid-way"
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1
 
     status = cli(*args, "--status")
