@@ -7,13 +7,16 @@ folder, not the preset's name).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import asdict, dataclass, field
 
 from ncbench.errors import UserError
 from ncbench.seeding import stable_hash
 
 SELECTION_RULES = ("best-dev-rsum", "last")
-DEFAULT_CLEAN_FRACTION = 0.02  # mscn.md §7.5 meta_frac: the clean subset of methods that use one
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # method, dataset and protocol names: safe in a run folder's name
+DEFAULT_CLEAN_FRACTION = 0.02  # docs/methods/mscn.md#meta-data: the clean subset of methods that use one
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class RunConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 100
     grad_clip: float = 0.0  # max L2 norm of each trained model's gradient; 0 disables clipping
-    clean_fraction: float = 0.0  # training pairs carved out as a clean subset before noise (mscn.md §7.6)
+    clean_fraction: float = 0.0  # training pairs carved out as a clean subset before noise (docs/methods/mscn.md#meta-data)
     selection: str = "best-dev-rsum"
     preset: str | None = None  # the preset whose values were applied (recorded; not part of the id)
     data_root: str | None = field(default=None, compare=False)  # where the data lives: not part of the id
@@ -48,21 +51,29 @@ class RunConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("method", "dataset", "noise_protocol"):
+            if not NAME.fullmatch(getattr(self, name)):
+                raise UserError(f"{name.replace('_', ' ')} name {getattr(self, name)!r}: expected letters, digits, "
+                                "'.', '_' or '-' (it becomes part of a folder name)")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value, positive = getattr(self, name), name == "lr"
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise UserError(f"--{name.replace('_', '-')} {value}: expected a finite number "
+                                f"{'> 0' if positive else '>= 0'}")
         if not 0.0 <= self.clean_fraction < 0.5:
             raise UserError(f"--clean-fraction must be in [0, 0.5), got {self.clean_fraction}")
 
     def identity(self) -> dict:
         """The fields that name the run, plus a digest of the model's architecture config (the built-in tiny
-        configs can change between versions) and the pretraining recipe when the weights are made here."""
-        from ncbench.backbone import config_digest
+        configs can change between versions) and the pretraining recipe of embedded weights."""
+        from ncbench.architecture import config_digest
+        from ncbench.recipe import current_spec
 
         fields = {k: v for k, v in asdict(self).items() if k != "data_root"}
         fields["architecture"] = stable_hash(config_digest(self.model), length=10)
         if not self.clean_fraction:  # runs without a clean subset keep the ids they had before the field existed
             del fields["clean_fraction"]
         if self.pretrained == "embedded":
-            from ncbench.pretrain import current_spec
-
             fields["pretrain"] = asdict(current_spec())
         return fields
 
@@ -70,6 +81,18 @@ class RunConfig:
     def run_id(self) -> str:
         named = {k: v for k, v in self.identity().items() if k != "preset"}
         return f"{self.method}_{self.dataset}_n{self.noise:g}_s{self.seed}_{stable_hash(named, length=10)}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is watched and what it keeps; never part of the run id (the numbers do not depend on them)."""
+
+    log: str | None = None  # tracker of losses and metrics: tensorboard, mlflow or None (ncbench/tracking.py)
+    keep_model: bool = False  # keep the selected model beside the record, for `ncbench export`
+
+    def argv(self) -> list[str]:
+        """These options as `ncbench run` flags."""
+        return (["--log", self.log] if self.log else []) + (["--keep-model"] if self.keep_model else [])
 
 
 HARNESS_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("method", "params", "method_version"))
@@ -94,7 +117,7 @@ def resolve(method_cls, flags: dict, param_overrides: dict[str, str] | None = No
 
 
 def check_clean_fraction(method_cls, fraction: float) -> None:
-    """A clean subset is carved exactly for the methods that declare ``uses_clean_subset`` (mscn.md §7.6)."""
+    """A clean subset is carved exactly for the methods that declare ``uses_clean_subset`` (docs/methods/mscn.md#meta-data)."""
     uses_clean = getattr(method_cls, "uses_clean_subset", False)
     if (fraction > 0) != uses_clean:
         raise UserError(f"--clean-fraction {fraction:g}: method {method_cls.name} "

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ncbench.atomic import atomic_write
 from ncbench.errors import UserError
 from ncbench.progress import progress_bar
 from ncbench.seeding import stable_hash
@@ -94,18 +95,22 @@ class Dataset:
                             f"(no {cls.markers[0]}); {_layout_hint(Path(root))}")
 
 
+# names the registered datasets whose layout a folder matches; ncbench.registry installs it on import (it imports
+# this module, so this module cannot import it)
+_layout_matcher: Callable[[Path], list[str]] | None = None
+
+
+def set_layout_matcher(matcher: Callable[[Path], list[str]]) -> None:
+    """Install how :meth:`Dataset.check_run` finds the registered datasets whose layout a folder matches."""
+    global _layout_matcher
+    _layout_matcher = matcher
+
+
 def _layout_hint(root: Path) -> str:
     """Which registered adapters' layouts ``root`` matches, as advice for an error message."""
-    from ncbench.registry import DATASETS
-
-    matches = []
-    for name in DATASETS.names():
-        try:
-            cls = DATASETS.get(name)
-        except UserError:  # a broken plugin is not a candidate
-            continue
-        if cls.markers and any((root / m).exists() for m in cls.markers):
-            matches.append(name)
+    if _layout_matcher is None:
+        return "see datasets/README.md for the layouts"
+    matches = _layout_matcher(root)
     if matches:
         return f"it looks like the layout of --dataset {' or '.join(matches)}"
     return "it matches no known layout (see datasets/README.md)"
@@ -122,6 +127,22 @@ def read_lines(path: Path) -> list[str]:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def check_captions(captions: Sequence[str], source: Path | str) -> None:
+    """Every caption has text: an empty one names ``source`` and its position (1-based)."""
+    for n, caption in enumerate(captions, 1):
+        if not caption.strip():
+            raise UserError(f"{source}: caption {n} is empty; every caption needs text")
+
+
+def inside(folder: Path, path: Path, source: Path | str) -> Path:
+    """``path``, refused when its name climbs out of ``folder`` (``../x`` from ``source``); a symbolic link inside
+    the folder may point anywhere, as a data layout built with links does."""
+    normal, base = Path(os.path.normpath(path)), Path(os.path.normpath(folder))
+    if normal != base and base not in normal.parents:
+        raise UserError(f"{source}: image {path} lies outside {base}; names must stay inside the data root")
+    return normal
+
+
 def index_images(ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Per-caption image ids -> (distinct ids in order of first appearance, caption -> image index)."""
     first: dict[str, int] = {}
@@ -132,7 +153,7 @@ def index_images(ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
 @lru_cache(maxsize=None)
 def _val_geometry(size: int) -> Callable[[Image.Image], Image.Image]:
     """open_clip's val transform without its last two steps (ToTensor, Normalize): bicubic resize of the
-    shortest side to ``size``, center crop to ``size`` x ``size``, convert to RGB (npc.md §1.2, §9)."""
+    shortest side to ``size``, center crop to ``size`` x ``size``, convert to RGB (docs/methods/clip.md#clip-a5)."""
     import open_clip
     from torchvision.transforms import Compose
 
@@ -170,9 +191,7 @@ def cached_images(files: Sequence[Path], size: int, cache_dir: Path, label: str)
 
 
 def _build_image_cache(files: Sequence[Path], size: int, path: Path, label: str, block: int = 1024) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
         with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool, \
                 progress_bar(f"decoding {label} at {size}px (once, cached)", len(files)) as advance:
@@ -182,9 +201,9 @@ def _build_image_cache(files: Sequence[Path], size: int, path: Path, label: str,
                     advance()
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
 
 
 class ImageNormalizer:
@@ -201,3 +220,14 @@ class ImageNormalizer:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
         return (x - self.mean) / self.std
+
+
+def decode_bytes(data: bytes, size: int, source: str) -> np.ndarray:
+    """:func:`decode_image` of an encoded image held in memory (a tar member, a parquet cell); errors name ``source``."""
+    from io import BytesIO
+
+    try:
+        with Image.open(BytesIO(data)) as image:
+            return np.asarray(_val_geometry(size)(image), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{source}: cannot decode image ({type(err).__name__}: {err})") from None

@@ -28,19 +28,48 @@ METRICS: dict[str, bool] = {
 }
 
 
-def _ranks(block: Callable[[int, int], Tensor], q_label: Tensor, g_label: Tensor, chunk: int) -> Tensor:
-    """Rank of each query: 1 + #gallery items scoring strictly above its best ground-truth item.
+_GROUP = 255  # 0/1 flags summed as uint8 without overflow
 
-    ``block(a, b)`` returns the (b - a, n_gallery) scores of queries a..b-1; query r's ground truth is every
-    gallery item j with ``g_label[j] == q_label[r]``. Ties therefore go to the ground truth.
+
+def _row_counts(above: Tensor) -> Tensor:
+    """Per row, the number of True in a bool matrix (int64); summed as uint8 in groups of ``_GROUP`` (torch's bool
+    to int64 sum is several times slower than the comparison that made the flags)."""
+    flags = above.view(torch.uint8)
+    whole = flags.shape[1] // _GROUP * _GROUP
+    grouped = flags[:, :whole].reshape(len(flags), whole // _GROUP, _GROUP).sum(2, dtype=torch.uint8)
+    return grouped.sum(1, dtype=torch.int64) + flags[:, whole:].sum(1, dtype=torch.int64)
+
+
+def _add_column_counts(total: Tensor, above: Tensor) -> None:
+    """Add the number of True in each column of a bool matrix to ``total`` (int64), one row at a time (a strided
+    reduction over rows is slower still)."""
+    partial = torch.zeros(above.shape[1], dtype=torch.int32, device=above.device)
+    for row in above.view(torch.uint8):
+        partial += row
+    total += partial
+
+
+def _ranks(sim: Tensor, caption_image: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """1-based ranks of every image (i2t) and every caption (t2i) from one (n_images, n_captions) score matrix.
+
+    A query's rank is 1 + the number of gallery items scoring strictly above its best ground-truth item, so ties go
+    to the ground truth. The ground-truth scores are gathered by index, ``sim[caption_image[c], c]``; an image's best
+    is their maximum over its captions. ``chunk`` image rows are compared at a time; both directions come from the
+    same scores, so a tie is a tie in both.
     """
-    out = []
-    for a in range(0, len(q_label), chunk):
-        s = block(a, a + chunk).float()
-        r, j = (q_label[a : a + chunk, None].to(s.device) == g_label[None, :].to(s.device)).nonzero(as_tuple=True)
-        best = s.new_full((len(s),), -math.inf).scatter_reduce_(0, r, s[r, j], "amax")
-        out.append(1 + (s > best[:, None]).sum(dim=1).cpu())
-    return torch.cat(out)
+    n_images, n_captions = sim.shape
+    caption_image = caption_image.to(sim.device)
+    truth = sim[caption_image, torch.arange(n_captions, device=sim.device)]
+    best = truth.new_full((n_images,), -math.inf).scatter_reduce_(0, caption_image, truth, "amax")
+    i2t = torch.empty(n_images, dtype=torch.int64, device=sim.device)
+    t2i = torch.ones(n_captions, dtype=torch.int64, device=sim.device)
+    above = torch.empty((min(chunk, n_images), n_captions), dtype=torch.bool, device=sim.device)
+    for a in range(0, n_images, chunk):
+        block = sim[a:a + chunk]
+        flags = above[:len(block)]
+        _add_column_counts(t2i, torch.gt(block, truth, out=flags))
+        i2t[a:a + chunk] = 1 + _row_counts(torch.gt(block, best[a:a + chunk, None], out=flags))
+    return i2t.cpu(), t2i.cpu()
 
 
 def _check(n_images: int, caption_image: Tensor) -> Tensor:
@@ -64,16 +93,6 @@ def _summarise(i2t: Tensor, t2i: Tensor, ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
-def _metrics(sim_rows: Callable[[int, int], Tensor], sim_cols: Callable[[int, int], Tensor], n_images: int,
-             caption_image: Tensor, ks: Sequence[int], chunk: int) -> dict[str, float]:
-    """Both directions from row blocks of sim (images as queries) and of sim.T (captions as queries)."""
-    caption_image = _check(n_images, caption_image)
-    images = torch.arange(n_images)
-    i2t = _ranks(sim_rows, images, caption_image, chunk)
-    t2i = _ranks(sim_cols, caption_image, images, chunk)
-    return _summarise(i2t, t2i, ks)
-
-
 def recall_at_k(sim: Tensor, caption_image: Tensor, ks: Sequence[int] = (1, 5, 10),
                 chunk: int = 1024) -> dict[str, float]:
     """Retrieval metrics from a full (n_images, n_captions) similarity matrix.
@@ -83,36 +102,54 @@ def recall_at_k(sim: Tensor, caption_image: Tensor, ks: Sequence[int] = (1, 5, 1
     t2i: a caption's rank is that of its ground-truth image among all images; R@K = % of captions.
     Returns ``{i2t,t2i}_r{K}`` (0-100), ``rsum`` (sum of those) and ``{i2t,t2i}_medr`` (floor of median rank).
     """
-    return _metrics(lambda a, b: sim[a:b], lambda a, b: sim[:, a:b].T, sim.shape[0], caption_image, ks, chunk)
+    return _summarise(*_ranks(sim, _check(sim.shape[0], caption_image), chunk), ks)
+
+
+def _similarity(image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    """(n_images, n_captions) fp32 scores, one matrix product (memory: 4 bytes per image-caption pair)."""
+    return image_emb.float() @ text_emb.float().T
 
 
 def retrieval_metrics(image_emb: Tensor, text_emb: Tensor, caption_image: Tensor, ks: Sequence[int] = (1, 5, 10),
                       chunk: int = 1024) -> dict[str, float]:
-    """Same as ``recall_at_k`` with sim = image_emb @ text_emb.T (fp32), computed ``chunk`` query rows at a time."""
-    image_emb, text_emb = image_emb.float(), text_emb.float()
-    return _metrics(lambda a, b: image_emb[a:b] @ text_emb.T, lambda a, b: text_emb[a:b] @ image_emb.T,
-                    len(image_emb), caption_image, ks, chunk)
+    """Same as ``recall_at_k`` with sim = image_emb @ text_emb.T (fp32), compared ``chunk`` image rows at a time."""
+    caption_image = _check(len(image_emb), caption_image)
+    return _summarise(*_ranks(_similarity(image_emb, text_emb), caption_image, chunk), ks)
+
+
+def evaluate_protocol_with_ranks(protocol: str, image_emb: Tensor, text_emb: Tensor,
+                                 caption_image: Tensor) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics of one test protocol and the per-query 1-based ranks they come from (int64 arrays).
+
+    ``1k`` / ``coco-5k`` use the whole split: i2t ranks one per image, t2i ranks one per caption, in their order.
+    ``coco-1k`` averages 5 folds: fold f holds images [1000f, 1000f + 1000) and exactly the captions of those
+    images; every metric (rsum included, which equals the sum of the averaged recalls) is averaged over the
+    folds, and the ranks (within a fold) are the folds' ranks concatenated in fold order, a fold's captions in
+    their original order.
+    """
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    caption_image = _check(len(image_emb), caption_image)
+    if protocol != "coco-1k":
+        i2t, t2i = _ranks(_similarity(image_emb, text_emb), caption_image, 1024)
+        return _summarise(i2t, t2i, (1, 5, 10)), i2t.numpy(), t2i.numpy()
+    if len(image_emb) != 5000:
+        raise UserError(f"coco-1k needs exactly 5000 images, got {len(image_emb)}")
+    folds, i2t_all, t2i_all = [], [], []
+    for f in range(5):
+        keep = (caption_image >= 1000 * f) & (caption_image < 1000 * (f + 1))
+        sim = _similarity(image_emb[1000 * f:1000 * (f + 1)], text_emb[keep.to(text_emb.device)])
+        i2t, t2i = _ranks(sim, caption_image[keep] - 1000 * f, 1024)
+        folds.append(_summarise(i2t, t2i, (1, 5, 10)))
+        i2t_all.append(i2t)
+        t2i_all.append(t2i)
+    metrics = {k: sum(m[k] for m in folds) / 5 for k in folds[0]}
+    return metrics, torch.cat(i2t_all).numpy(), torch.cat(t2i_all).numpy()
 
 
 def evaluate_protocol(protocol: str, image_emb: Tensor, text_emb: Tensor, caption_image: Tensor) -> dict[str, float]:
-    """Metrics of one test protocol: ``1k`` / ``coco-5k`` use the whole split; ``coco-1k`` averages 5 folds.
-
-    COCO 1K fold f holds images [1000f, 1000f + 1000) and exactly the captions of those images; every metric
-    (rsum included, which equals the sum of the averaged recalls) is averaged over the folds.
-    """
-    if protocol in ("1k", "coco-5k"):
-        return retrieval_metrics(image_emb, text_emb, caption_image)
-    if protocol != "coco-1k":
-        raise UserError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    if len(image_emb) != 5000:
-        raise UserError(f"coco-1k needs exactly 5000 images, got {len(image_emb)}")
-    caption_image = torch.as_tensor(caption_image, dtype=torch.long)
-    folds = []
-    for f in range(5):
-        keep = (caption_image >= 1000 * f) & (caption_image < 1000 * (f + 1))
-        folds.append(retrieval_metrics(image_emb[1000 * f : 1000 * (f + 1)], text_emb[keep.to(text_emb.device)],
-                                       caption_image[keep] - 1000 * f))
-    return {k: sum(m[k] for m in folds) / 5 for k in folds[0]}
+    """The metrics of :func:`evaluate_protocol_with_ranks`."""
+    return evaluate_protocol_with_ranks(protocol, image_emb, text_emb, caption_image)[0]
 
 
 def detection_metrics(scores: np.ndarray, clean: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
@@ -159,3 +196,4 @@ def embed(models: Sequence[nn.Module], images: np.ndarray, tokens: Tensor, norma
                                         for i in range(0, len(tokens), chunk)]))
         model.train(was_training)
     return torch.cat(image_embs, 1) * scale, torch.cat(text_embs, 1) * scale
+

@@ -7,14 +7,14 @@ image (siblings that land back on their image count as clean, as in NPC's protoc
 Every protocol is a function ``(caption_image, ratio, seed, context) -> NoisyPairing`` (``context``
 a :class:`NoiseContext`, possibly ``None``); ``make_noise`` is the single entry point. Each noise
 instance is an artefact stored once under ``<cache>/noise/`` and shared by every run that uses it
-(baselines.md §1.6); ``import_ncr`` / ``import_npc_captions`` read the files the papers ship and
-``export_ncr`` / ``export_npc_captions`` write them (baselines.md §1.1, §1.3; npc.md §2).
+(docs/noise.md#artefacts); ``import_ncr`` / ``import_npc_captions`` read the files the papers ship and
+``export_ncr`` / ``export_npc_captions`` write them (docs/noise.md#paper-files).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
+import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ncbench.atomic import atomic_write
 from ncbench.data import Pairs, Split
 from ncbench.errors import UserError
 from ncbench.seeding import derive_seed, stable_hash
@@ -58,12 +59,13 @@ class NoisyPairing:
 
     def save(self, path: Path) -> None:
         """Write atomically as ``.npz``, with the digest."""
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, protocol=self.protocol, ratio=self.ratio, seed=self.seed, assigned_image=self.assigned_image,
-                     clean=self.clean, dataset=self.dataset, split=self.split, source=self.source,
-                     data_digest=self.data_digest, digest=self.digest)
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez adds no suffix to it
+                np.savez(f, protocol=self.protocol, ratio=self.ratio, seed=self.seed, assigned_image=self.assigned_image,
+                         clean=self.clean, dataset=self.dataset, split=self.split, source=self.source,
+                         data_digest=self.data_digest, digest=self.digest)
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path) -> "NoisyPairing":
@@ -114,7 +116,7 @@ def _check_ratio(ratio: float) -> None:
 
 def caption_shuffle(caption_image: np.ndarray, ratio: float, seed: int,
                     context: NoiseContext | None = None) -> NoisyPairing:
-    """NCR/NPC protocol (baselines.md §1.1, npc.md §2): ``floor(ratio·N)`` random caption rows swap captions.
+    """NCR/NPC protocol (docs/noise.md#origin-caption): ``floor(ratio·N)`` random caption rows swap captions.
 
     Row ``r`` keeps its image and receives the caption of another selected row, so in
     caption -> image form the caption of row ``selected[j]`` is assigned the image of row
@@ -131,7 +133,7 @@ def caption_shuffle(caption_image: np.ndarray, ratio: float, seed: int,
 
 def image_shuffle(caption_image: np.ndarray, ratio: float, seed: int,
                   context: NoiseContext | None = None) -> NoisyPairing:
-    """DECL/RCL protocol (baselines.md §1.2): ``floor(ratio·N_images)`` images permute their caption sets.
+    """DECL/RCL protocol (docs/noise.md#origin-image): ``floor(ratio·N_images)`` images permute their caption sets.
 
     All captions of a selected image move together to the image the permutation gives it; the ratio
     counts whole images, and a selected image the permutation maps onto itself stays clean.
@@ -298,7 +300,7 @@ def context_for(pairs: Pairs, split: str, model: str, pretrained: str, cache_dir
     attributes = pairs.image_attributes.get(split)
     spec = None
     if pretrained == "embedded":
-        from ncbench.pretrain import current_spec
+        from ncbench.recipe import current_spec
 
         spec = dataclasses.asdict(current_spec())
     embedder = f"{model}-{stable_hash(model, pretrained, spec, length=8)}"
@@ -390,9 +392,9 @@ def _imported(assigned: np.ndarray, split: Split, ratio: float | None, source: s
 
 
 def import_ncr(path: Path, split: Split, ratio: float | None = None, flag: str = "--noise-file") -> NoisyPairing:
-    """Read an NCR/BiCro noise index (baselines.md §1.1): ``t2i[c]`` = image of caption ``c``, ``np.save``d.
+    """Read an NCR/BiCro noise index (docs/noise.md#origin-caption): ``t2i[c]`` = image of caption ``c``, ``np.save``d.
 
-    An array with one entry per image instead (RCL/DECL's ``noise_inx``, §1.2) pairs caption ``c`` with
+    An array with one entry per image instead (RCL/DECL's ``noise_inx``, docs/noise.md#origin-image) pairs caption ``c`` with
     ``noise_inx[image of c]``. The nominal ratio is ``ratio``, else read from a ``<name>_<ratio>.npy`` name.
     """
     path = Path(path)
@@ -417,7 +419,7 @@ def import_ncr(path: Path, split: Split, ratio: float | None = None, flag: str =
 
 def import_npc_captions(path: Path, split: Split, ratio: float | None = None,
                         flag: str = "--noise-file") -> NoisyPairing:
-    """Read NPC's ``{r}_noise_train_caps.txt`` (npc.md §2): line ``k`` is the caption now paired with row ``k``'s image.
+    """Read NPC's ``{r}_noise_train_caps.txt`` (docs/noise.md#origin-npc): line ``k`` is the caption now paired with row ``k``'s image.
 
     The file is a permutation of the split's captions. A line is matched to a caption index by its text:
     to row ``k``'s own caption if the text is the same, else to an unused caption of the same image with
@@ -472,15 +474,15 @@ def import_file(path: Path, pairs: Pairs, cache_dir: Path, ratio: float | None =
 
 
 def export_ncr(noise: NoisyPairing, folder: Path) -> Path:
-    """Write the NCR index ``<folder>/<dataset>_<ratio>.npy`` (int64 image of each caption; baselines.md §1.1)."""
+    """Write the NCR index ``<folder>/<dataset>_<ratio>.npy`` (int64 image of each caption; docs/noise.md#paper-files)."""
     path = Path(folder) / f"{noise.dataset or 'noise'}_{noise.ratio:g}.npy"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, np.ascontiguousarray(noise.assigned_image, dtype=np.int64))
-    return _place(tmp, path)
+    data = io.BytesIO()
+    np.save(data, np.ascontiguousarray(noise.assigned_image, dtype=np.int64))
+    return _place(path, data.getvalue())
 
 
 def export_npc_captions(noise: NoisyPairing, split: Split, folder: Path) -> Path:
-    """Write NPC's ``<folder>/{r}_noise_train_caps.txt`` (npc.md §2): line ``k`` = caption paired with row ``k``'s image.
+    """Write NPC's ``<folder>/{r}_noise_train_caps.txt`` (docs/noise.md#origin-npc): line ``k`` = caption paired with row ``k``'s image.
 
     Needs every image to keep its number of captions (true of all built-in protocols). A clean caption
     stays on its own line; an image's other lines take the captions assigned to it, in caption order.
@@ -496,15 +498,13 @@ def export_npc_captions(noise: NoisyPairing, split: Split, folder: Path) -> Path
     line[moved[np.argsort(split.caption_image[moved], kind="stable")]] = \
         moved[np.argsort(noise.assigned_image[moved], kind="stable")]
     path = Path(folder) / f"{noise.ratio}_noise_train_caps.txt"
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(split.captions[c] + "\n" for c in line.tolist()), encoding="utf-8")
-    return _place(tmp, path)
+    return _place(path, "".join(split.captions[c] + "\n" for c in line.tolist()).encode("utf-8"))
 
 
-def _place(tmp: Path, path: Path) -> Path:
-    """Move an exported file into place; an existing different file under that name is refused."""
-    if path.exists() and path.read_bytes() != tmp.read_bytes():
-        tmp.unlink()
-        raise UserError(f"{path}: a different file already exists; remove it or export elsewhere")
-    os.replace(tmp, path)
-    return path
+def _place(path: Path, data: bytes) -> Path:
+    """Write an exported file's bytes atomically; an existing different file under that name is refused."""
+    if path.exists():
+        if path.read_bytes() != data:
+            raise UserError(f"{path}: a different file already exists; remove it or export elsewhere")
+        return path
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))

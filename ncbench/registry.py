@@ -29,7 +29,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
-from ncbench.data import Dataset
+from ncbench.data import Dataset, set_layout_matcher
 from ncbench.errors import UserError
 from ncbench.method import Method
 from ncbench.seeding import stable_hash
@@ -223,6 +223,22 @@ METHODS: Registry[type[Method]] = Registry("method", "ncbench.methods", method_p
 DATASETS: Registry[type[Dataset]] = Registry("dataset", "ncbench.datasets", dataset_problem)
 NOISES: Registry[Callable] = Registry("noise protocol", "ncbench.noises", noise_problem)
 REGISTRIES = {"methods": METHODS, "datasets": DATASETS, "noises": NOISES}
+
+
+def matching_layouts(root: Path) -> list[str]:
+    """The registered datasets whose layout ``root`` holds (one of their ``markers``); broken plugins are skipped."""
+    matches = []
+    for name in DATASETS.names():
+        try:
+            cls = DATASETS.get(name)
+        except UserError:  # a broken plugin is not a candidate
+            continue
+        if cls.markers and any((root / m).exists() for m in cls.markers):
+            matches.append(name)
+    return matches
+
+
+set_layout_matcher(matching_layouts)  # Dataset.check_run names them when --data-root is another layout
 
 
 def load_plugin_file(path: Path) -> list[str]:

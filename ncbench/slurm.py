@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncbench import sweep
 from ncbench.errors import UserError
+from ncbench.jobs import Job, Launch, State, prepare_caches, run_state
+from ncbench.jobs import statuses as folder_statuses
 from ncbench.progress import console
 from ncbench.results import write_json_atomic
-from ncbench.sweep import Job, Launch, State, prepare_caches, run_state
 
 FOLDER = ".slurm"  # in the results folder: the job ids, submitit's pickles and logs (ignored by git)
 JOBS = "jobs.json"
@@ -70,7 +70,7 @@ class RunTask:
         for plugin in self.job.plugins:
             load_plugin_file(Path(plugin))
         METHODS.get(self.job.method)  # registers a package.module:Class method under its name
-        harness.run(self.job.config, self.out_dir, self.cache_dir)
+        harness.run(self.job.config, self.out_dir, self.cache_dir, self.job.options)
         return self.job.run_id
 
     def checkpoint(self):
@@ -164,7 +164,7 @@ def statuses(jobs: Sequence[Job], out_dir: Path) -> list[tuple[Job, State]]:
     ids = submitted(out_dir)
     in_queue = queue() if any(job.run_id in ids for job in jobs) else {}
     out = []
-    for job, state in sweep.statuses(jobs, out_dir):
+    for job, state in folder_statuses(jobs, out_dir):
         if state is not State.DONE and job.run_id in ids:
             queued = in_queue.get(ids[job.run_id])
             state = State.FAILED if queued is None else State.RUNNING if queued in RUNNING else State.QUEUED

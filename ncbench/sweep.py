@@ -21,67 +21,24 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ncbench import config
-from ncbench.config import RunConfig
+from ncbench.config import RunOptions
 from ncbench.errors import UserError
+from ncbench.jobs import Job, Launch, State, prepare_caches, run_state, statuses
+from ncbench.lock import RUN_LOCKED_EXIT, RunLocked
 from ncbench.progress import console
 from ncbench.registry import METHODS
-from ncbench.results import CHECKPOINT, load_record
 
 LOG = "run.log"  # a worker's stdout and stderr, beside its run (ignored by git)
 
 
-class State(str, Enum):
-    """Where a run stands, read from its folder (and, for a submitted run, the scheduler's queue)."""
-
-    DONE = "done"  # a complete record exists
-    RUNNING = "running"  # submitted to a scheduler and started there (slurm)
-    QUEUED = "queued"  # submitted to a scheduler, waiting there (slurm)
-    FAILED = "failed"  # submitted to a scheduler, gone from its queue without a record (slurm)
-    INCOMPLETE = "incomplete"  # a checkpoint but no record: resumes from the checkpoint
-    NOT_STARTED = "not started"  # nothing to reuse
-
-
-def run_state(run_dir: Path) -> State:
-    """The state of the run in ``run_dir``."""
-    record = load_record(run_dir)
-    if record is not None and record.get("status") == "complete":
-        return State.DONE
-    return State.INCOMPLETE if (run_dir / CHECKPOINT).is_file() else State.NOT_STARTED
-
-
-@dataclass(frozen=True)
-class Job:
-    """One run of a sweep: its resolved config and the ``ncbench run`` arguments that reproduce it."""
-
-    method: str  # as the user named it: registered name or package.module:Class
-    flags: dict  # the explicit harness settings given to config.resolve (unset ones are None)
-    config: RunConfig
-    plugins: tuple[str, ...] = ()  # --plugin files, as absolute paths
-
-    @property
-    def run_id(self) -> str:
-        return self.config.run_id
-
-    def argv(self, out_dir: Path, cache_dir: Path) -> list[str]:
-        """The ``ncbench run`` command line of this job (the run id it makes is the job's)."""
-        args = [sys.executable, "-m", "ncbench", "run", "--method", self.method]
-        for name, value in self.flags.items():
-            if value is not None:
-                args += [f"--{name.replace('_', '-')}", repr(value) if isinstance(value, float) else str(value)]
-        for plugin in self.plugins:
-            args += ["--plugin", plugin]
-        return args + ["--out", str(out_dir), "--cache-dir", str(cache_dir)]
-
-
 def expand(methods: Sequence[str], noise: Sequence[float], seeds: Sequence[int], settings: dict,
-           plugins: Sequence[Path] = ()) -> list[Job]:
+           plugins: Sequence[Path] = (), options: RunOptions = RunOptions()) -> list[Job]:
     """The grid ``methods × noise × seeds`` in that order, each run resolved as ``ncbench run`` resolves it.
 
     ``settings`` are the other harness flags, shared by every run (unset ones ``None``); a run named twice
@@ -96,7 +53,7 @@ def expand(methods: Sequence[str], noise: Sequence[float], seeds: Sequence[int],
             for seed in seeds:
                 flags = {"noise": float(ratio), "seed": int(seed), **settings}
                 job = Job(method, flags, config.resolve(method_cls, flags),
-                          tuple(str(Path(p).resolve()) for p in plugins))
+                          tuple(str(Path(p).resolve()) for p in plugins), options)
                 DATASETS.get(job.config.dataset).check_run(Path(job.config.data_root) if job.config.data_root else None,
                                                            job.config.noise)
                 jobs.setdefault(job.run_id, job)
@@ -127,6 +84,7 @@ class SweepProgress:
         self.overall = self.progress.add_task("[bold]sweep", total=total, completed=done, count=f"{done}/{total} runs")
         self.current: dict[str, int] = {}
         self.errors: dict[str, str] = {}
+        self.held: set[str] = set()  # runs another process was running
 
     def __enter__(self) -> "SweepProgress":
         self.progress.start()
@@ -140,6 +98,12 @@ class SweepProgress:
         if not self.interactive:
             console.print(f"start  {job.run_id}", highlight=False, soft_wrap=True)
 
+    def elsewhere(self, job: Job) -> None:
+        """``job`` is being (or was just) run by another process, another sweep on this folder: not run here."""
+        self.progress.remove_task(self.current.pop(job.run_id))
+        self.held.add(job.run_id)
+        console.print(f"held   {job.run_id}: run by another process", highlight=False, soft_wrap=True)
+
     def finished(self, job: Job, error: str | None) -> None:
         self.progress.remove_task(self.current.pop(job.run_id))
         self.done += 1
@@ -148,17 +112,6 @@ class SweepProgress:
             self.errors[job.run_id] = error
         console.print(f"failed {job.run_id}: {error}" if error else f"done   {job.run_id}", highlight=False,
                       soft_wrap=True)
-
-
-@dataclass
-class Launch:
-    """What a launcher gets besides its jobs."""
-
-    out_dir: Path
-    cache_dir: Path
-    workers: int  # runs at a time
-    progress: SweepProgress
-    options: Any = None  # the launcher's own settings (slurm.Options for slurm)
 
 
 Launcher = Callable[[Sequence[Job], Launch], None]
@@ -188,9 +141,15 @@ def _in_process(jobs: Sequence[Job], launch: Launch) -> None:
 
     for job in jobs:
         launch.progress.started(job)
+        if run_state(launch.out_dir / job.run_id) is State.DONE:  # another sweep on this folder ran it meanwhile
+            launch.progress.elsewhere(job)
+            continue
         error = None
         try:
-            harness.run(job.config, launch.out_dir, launch.cache_dir)
+            harness.run(job.config, launch.out_dir, launch.cache_dir, job.options)
+        except RunLocked:
+            launch.progress.elsewhere(job)
+            continue
         except Exception as e:  # one failed run must not stop the sweep; its traceback goes to its log
             error = f"{type(e).__name__}: {e}".splitlines()[0]
             run_dir = launch.out_dir / job.run_id
@@ -213,6 +172,10 @@ def _subprocesses(jobs: Sequence[Job], launch: Launch) -> None:
         while pending or running:
             while pending and len(running) < launch.workers:
                 job = pending.pop(0)
+                if run_state(launch.out_dir / job.run_id) is State.DONE:  # another sweep ran it meanwhile
+                    launch.progress.started(job)
+                    launch.progress.elsewhere(job)
+                    continue
                 run_dir = launch.out_dir / job.run_id
                 run_dir.mkdir(parents=True, exist_ok=True)
                 argv = job.argv(launch.out_dir, launch.cache_dir)
@@ -227,6 +190,9 @@ def _subprocesses(jobs: Sequence[Job], launch: Launch) -> None:
                 job, log = running.pop(proc)
                 log.close()
                 error = None
+                if proc.returncode == RUN_LOCKED_EXIT:
+                    launch.progress.elsewhere(job)
+                    continue
                 if proc.returncode != 0:
                     error = f"exit code {proc.returncode}: {_last_line(Path(log.name))} (log: {log.name})"
                 launch.progress.finished(job, error)
@@ -253,17 +219,6 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def prepare_caches(jobs: Sequence[Job], cache_dir: Path) -> None:
-    """Build each dataset's and each embedded backbone's cache once, before parallel workers need them."""
-    from ncbench.backbone import input_size, load_backbone
-    from ncbench.registry import DATASETS
-
-    for model, pretrained in dict.fromkeys((j.config.model, j.config.pretrained) for j in jobs):
-        load_backbone(model, pretrained, cache_dir)
-    for dataset, root, model in dict.fromkeys((j.config.dataset, j.config.data_root, j.config.model) for j in jobs):
-        DATASETS.get(dataset)().load(Path(root) if root else None, cache_dir, input_size(model))
-
-
 @dataclass
 class Summary:
     """What a sweep did."""
@@ -273,10 +228,7 @@ class Summary:
     resumed: int  # were incomplete when the sweep began
     ran: int
     failed: dict[str, str] = field(default_factory=dict)  # run id -> why
-
-
-def statuses(jobs: Sequence[Job], out_dir: Path) -> list[tuple[Job, State]]:
-    return [(job, run_state(out_dir / job.run_id)) for job in jobs]
+    elsewhere: int = 0  # held by another process (another sweep on the same folder) when their turn came
 
 
 def sweep(jobs: Sequence[Job], out_dir: Path, cache_dir: Path, workers: int = 1, launcher: str = "local",
@@ -294,6 +246,8 @@ def sweep(jobs: Sequence[Job], out_dir: Path, cache_dir: Path, workers: int = 1,
             LAUNCHERS[launcher](todo, Launch(out_dir, cache_dir, min(workers, len(todo)), progress, options))
     failed = dict(progress.errors)
     for job in todo:
-        if job.run_id not in failed and run_state(out_dir / job.run_id) is not State.DONE:
+        if (job.run_id not in failed and job.run_id not in progress.held
+                and run_state(out_dir / job.run_id) is not State.DONE):
             failed[job.run_id] = f"finished without a record in {out_dir / job.run_id}"
-    return Summary(len(jobs), len(jobs) - len(todo), resumed, len(todo), failed)
+    held = len(progress.held)
+    return Summary(len(jobs), len(jobs) - len(todo), resumed, len(todo) - held, failed, held)

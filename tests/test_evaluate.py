@@ -10,6 +10,7 @@ from ncbench.evaluate import (
     PROTOCOLS,
     detection_metrics,
     evaluate_protocol,
+    evaluate_protocol_with_ranks,
     recall_at_k,
     retrieval_metrics,
 )
@@ -167,3 +168,41 @@ def test_metric_directions():
     keys = set(retrieval_metrics(img, txt, cap)) | detection
     assert keys <= set(METRICS)
     assert METRICS["rsum"] and METRICS["auroc"] and not METRICS["i2t_medr"] and not METRICS["t2i_medr"]
+
+
+def recalls_from_ranks(i2t: np.ndarray, t2i: np.ndarray) -> dict:
+    out = {f"{d}_r{k}": 100 * np.mean(r <= k) for d, r in (("i2t", i2t), ("t2i", t2i)) for k in (1, 5, 10)}
+    out["rsum"] = sum(out.values())
+    out["i2t_medr"], out["t2i_medr"] = float(np.floor(np.median(i2t))), float(np.floor(np.median(t2i)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ranks_are_the_brute_force_ranks_and_give_the_recalls(seed):
+    img, txt, cap = tied_problem(seed)
+    s, c = (img @ txt.T).tolist(), cap.tolist()
+    i2t = [min(1 + sum(s[i][d] > s[i][k] for d in range(len(c))) for k in range(len(c)) if c[k] == i)
+           for i in range(len(s))]
+    t2i = [1 + sum(s[j][k] > s[c[k]][k] for j in range(len(s))) for k in range(len(c))]
+    metrics, got_i2t, got_t2i = evaluate_protocol_with_ranks("1k", img, txt, cap)
+    assert got_i2t.tolist() == i2t and got_t2i.tolist() == t2i
+    assert_close(metrics, recalls_from_ranks(got_i2t, got_t2i))
+
+
+def test_coco_1k_ranks_are_the_folds_ranks_in_order():
+    img, txt, cap = coco_problem()
+    perm = torch.randperm(25000, generator=torch.Generator().manual_seed(2))
+    txt, cap = txt[perm], cap[perm]
+    metrics, i2t, t2i = evaluate_protocol_with_ranks("coco-1k", img, txt, cap)
+    assert i2t.shape == (5000,) and t2i.shape == (25000,)
+    folds, start = [], 0
+    for f in range(5):
+        keep = (cap >= 1000 * f) & (cap < 1000 * (f + 1))  # the fold's captions in their original order
+        _, fold_i2t, fold_t2i = evaluate_protocol_with_ranks("1k", img[1000 * f:1000 * (f + 1)], txt[keep],
+                                                             cap[keep] - 1000 * f)
+        np.testing.assert_array_equal(i2t[1000 * f:1000 * (f + 1)], fold_i2t)
+        np.testing.assert_array_equal(t2i[start:start + len(fold_t2i)], fold_t2i)
+        start += len(fold_t2i)
+        folds.append(recalls_from_ranks(fold_i2t, fold_t2i))
+    assert_close(metrics, {k: np.mean([m[k] for m in folds]) for k in folds[0]})
+    assert_close(metrics, evaluate_protocol("coco-1k", img, txt, cap))
