@@ -1,7 +1,7 @@
-"""Per-step cost of ``mscn`` relative to ``clip`` (mscn.md §7.7) at the embedded default's size.
+"""Per-step cost of ``mscn`` relative to ``clip`` (docs/methods/mscn.md#cost) at the embedded default's size.
 
-ncbench-tiny (random weights: the cost does not depend on them), batch 128, harness-like steps (zero_grad,
-training_step, backward, AdamW step). The two methods' steps are interleaved so that both see the same machine
+ncbench-tiny (random weights: the cost does not depend on them), batch 128, harness steps (zero_grad,
+training_step, backward, AdamW step) on a clean synthetic split with a clean subset (ncbench.testing.tiny_context). The two methods' steps are interleaved so that both see the same machine
 load; the median of each is reported, plus mscn's warm-up step and one purification pass.
 
     .venv/bin/python benchmarks/mscn_step.py --steps 8 --threads 1
@@ -11,44 +11,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-import ncbench.backbone  # noqa: F401  (registers the tiny model configs)
-from ncbench.data import ImageNormalizer, Pairs
-from ncbench.datasets.synthetic import generate
-from ncbench.harness import carve_clean_subset
-from ncbench.method import Context, Method, TrainSet
+from ncbench.method import Context, Method
 from ncbench.methods.clip import CLIPFineTune
 from ncbench.methods.mscn import MSCN
-from ncbench.optim import adamw, set_lr
+from ncbench.testing import step, tiny_context
 
 
-def make_context(n_images: int, batch_size: int, seed: int, epochs: int = 5) -> Context:
-    """A clean synthetic training split with a 2 % clean subset, a fresh ncbench-tiny and its AdamW."""
-    split = generate("downstream", n_images, seed)
-    pairs, clean = carve_clean_subset(Pairs("bench", split, split, split), 0.02, seed)
-    backbone = ncbench.backbone.load_backbone("ncbench-tiny", "none", None)
-    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, torch.device("cpu"))
-    train = TrainSet(pairs.train.images, backbone.tokenize(pairs.train.captions), pairs.train.caption_image, normalize)
-    meta = TrainSet(clean.images, backbone.tokenize(clean.captions), clean.caption_image, normalize)
-    model = backbone.model.train()
-    optimizer = adamw(model.parameters(), 5e-4, 0.1)
-    return Context(models=[model], train=train, clean_subset=meta, device=torch.device("cpu"), autocast=nullcontext,
-                   rng=np.random.default_rng(seed), seed=seed, epochs=epochs, batch_size=batch_size, lr=5e-4,
-                   weight_decay=0.1, make_optimizer=lambda p: adamw(p, 5e-4, 0.1), optimizers=[optimizer])
+def make_context(n_images: int, batch_size: int) -> Context:
+    """A clean synthetic training split less its clean subset (10 %), a fresh ncbench-tiny and its AdamW."""
+    return tiny_context(MSCN, n_images=n_images, noise=0.0, batch_size=batch_size, epochs=5)
 
 
-def timed_step(method: Method, ctx: Context, index: np.ndarray) -> float:
-    """One harness-like step; seconds."""
+def timed_step(method: Method, index: np.ndarray) -> float:
+    """One harness step; seconds."""
     clock = time.perf_counter()
-    optimizer = ctx.optimizers[0]
-    set_lr(optimizer, ctx.lr)
-    optimizer.zero_grad(set_to_none=True)
-    method.training_step(ctx.train.batch(index))["loss"].backward()
-    optimizer.step()
+    step(method, index)
     return time.perf_counter() - clock
 
 
@@ -60,24 +41,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
 
-    clip_ctx, mscn_ctx = make_context(args.images, args.batch_size, 0), make_context(args.images, args.batch_size, 0)
+    clip_ctx, mscn_ctx = make_context(args.images, args.batch_size), make_context(args.images, args.batch_size)
     clip, mscn = CLIPFineTune(), MSCN()
     clip.setup(clip_ctx)
     mscn.setup(mscn_ctx)
     rng = np.random.default_rng(1)
     draw = lambda: rng.choice(len(clip_ctx.train), args.batch_size, replace=False)  # noqa: E731
 
-    warm = [timed_step(mscn, mscn_ctx, draw()) for _ in range(2 + args.steps)][2:]  # warm-up stage, first order
+    warm = [timed_step(mscn, draw()) for _ in range(2 + args.steps)][2:]  # warm-up stage, first order
     clock = time.perf_counter()
     mscn.on_epoch_start(mscn.params.warmup_epochs)  # purification pass, then the main stage
     purify_s = time.perf_counter() - clock
     times: dict[str, list[float]] = {"clip": [], "mscn": []}
     for i in range(2 + args.steps):
         index = draw()
-        for name, method, ctx in (("clip", clip, clip_ctx), ("mscn", mscn, mscn_ctx)):
-            seconds = timed_step(method, ctx, index)
+        for name, method in (("clip", clip), ("mscn", mscn)):
+            seconds = timed_step(method, index)
             if i >= 2:
                 times[name].append(seconds)
     clip_ms, mscn_ms, warm_ms = (1e3 * statistics.median(t) for t in (times["clip"], times["mscn"], warm))

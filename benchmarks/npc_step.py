@@ -1,10 +1,10 @@
-"""Time one training step of ``clip``, ``npc``, ``npc-official`` and the unfused official reference (npc.md §8).
+"""Time one training step of ``clip``, ``npc``, ``npc-official`` and the unfused official reference (docs/methods/npc.md#cost).
 
 All four start from the same randomly initialised ncbench-tiny and take the same batches (batch 128) of the
 embedded synthetic world at 20 % caption-shuffle noise, in one process. The methods' steps run through the
-harness's ``train_step`` (the reference runs its own), interleaved batch by batch so that load changes on a shared
-machine hit all alike; after the warm-up steps the median per method is reported. The two NPC methods share one
-encoding of the training set for their memory banks. The last two lines are the ratios.
+harness's ``train_step`` (the reference, tests/npc_official_unfused.py, runs its own), interleaved batch by batch
+so that load changes on a shared machine hit all alike; after the warm-up steps the median per method is reported.
+The two NPC methods share one encoding of the training set for their memory banks. The last lines are the ratios.
 
     NCBENCH_CACHE=.ncbench-cache python benchmarks/npc_step.py [--steps 8] [--warmup 2] [--threads 1]
 """
@@ -12,34 +12,53 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from npc_reference import UnfusedNPCOfficial, build_context  # noqa: E402
-
-from ncbench.cli import DEFAULT_CACHE  # noqa: E402
-from ncbench.config import RunConfig  # noqa: E402
-from ncbench.harness import train_step  # noqa: E402
-from ncbench.method import Context, Method  # noqa: E402
-from ncbench.methods.clip import CLIPFineTune  # noqa: E402
-from ncbench.methods.npc import NPC, NPCOfficial  # noqa: E402
-from ncbench.optim import adamw  # noqa: E402
+from ncbench.backbone import load_backbone
+from ncbench.cli import DEFAULT_CACHE
+from ncbench.config import RunConfig
+from ncbench.data import ImageNormalizer
+from ncbench.harness import train_step
+from ncbench.method import Context, Method, TrainSet
+from ncbench.methods.clip import CLIPFineTune
+from ncbench.methods.npc import NPC, NPCOfficial
+from ncbench.noise import make_noise
+from ncbench.registry import DATASETS
 
 BATCH = 128  # the embedded default's batch size (RunConfig.batch_size)
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "npc_official_unfused.py"
 
 
-def _context_for(base: Context, cls: type[Method], lr: float) -> Context:
-    """``base`` with its own copy of the initial model and a fresh harness AdamW at the method's lr."""
-    model = copy.deepcopy(base.models[0])
-    return dataclasses.replace(base, models=[model], lr=lr, optimizers=[adamw(model.parameters(), lr, base.weight_decay)],
-                               make_optimizer=lambda params: adamw(params, lr, base.weight_decay))
+def _load_reference() -> type:
+    """``UnfusedNPCOfficial`` from the tests' reference module, imported by its file path."""
+    spec = importlib.util.spec_from_file_location("npc_official_unfused", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.UnfusedNPCOfficial
+
+
+def _train_set() -> tuple[TrainSet, torch.nn.Module]:
+    """The embedded synthetic world's training split at 20 % caption-shuffle noise, and a randomly initialised
+    ncbench-tiny (seeded)."""
+    torch.manual_seed(0)
+    backbone = load_backbone("ncbench-tiny", "none", DEFAULT_CACHE)
+    pairs = DATASETS.get("synthetic")().load(None, DEFAULT_CACHE)
+    pairing = make_noise("caption-shuffle", pairs.train.caption_image, 0.2, 0, pairs.name)
+    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, torch.device("cpu"))
+    train = TrainSet(pairs.train.images, backbone.tokenize(pairs.train.captions), pairing.assigned_image, normalize)
+    return train, backbone.model.train()
+
+
+def _context(train: TrainSet, initial: torch.nn.Module, lr: float) -> Context:
+    """A harness context over ``train`` with its own copy of the initial model and a fresh AdamW at ``lr``."""
+    return Context.create([copy.deepcopy(initial)], train, seed=0, epochs=1, batch_size=BATCH, lr=lr,
+                          weight_decay=0.1)
 
 
 def main() -> None:
@@ -50,33 +69,33 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = build_context(DEFAULT_CACHE, dataset="synthetic", noise=0.2, batch_size=BATCH)
+    train, initial = _train_set()
     lr = {cls: cls.run_defaults.get("lr", RunConfig.lr) for cls in (CLIPFineTune, NPC, NPCOfficial)}
     methods: dict[str, Method] = {}
     for name, cls in (("clip", CLIPFineTune), ("npc", NPC), ("npc-official", NPCOfficial)):
         methods[name] = cls()
-        methods[name].setup(_context_for(base, cls, lr[cls]))
+        methods[name].setup(_context(train, initial, lr[cls]))
     clock = time.perf_counter()
-    embeddings = base.encode_train(base.models[0], unit=False)
+    embeddings = methods["clip"].ctx.encode_train(initial, unit=False)
     for name in ("npc", "npc-official"):
         methods[name].bank_from_embeddings(*embeddings, epoch=0)
     official = methods["npc-official"]
     print(f"memory banks: {time.perf_counter() - clock:.1f} s; clean set {int((official.clean_prob > 0.9).sum())} "
           f"of {len(official.clean_prob)} pairs")
-    reference = UnfusedNPCOfficial(copy.deepcopy(base.models[0]), base.train, official.by_image, official.by_text,
-                                   lr[NPCOfficial], base.weight_decay, NPCOfficial.run_defaults["grad_clip"])
+    reference = _load_reference()(copy.deepcopy(initial), train, official.by_image, official.by_text, lr[NPCOfficial],
+                                  official.ctx.weight_decay, NPCOfficial.run_defaults["grad_clip"])
 
     times: dict[str, list[float]] = {name: [] for name in (*methods, "reference")}
     distinct = []
     for step, index in enumerate(methods["clip"].epoch_batches(0)):
         if step == args.warmup + args.steps:
             break
-        batch = base.train.batch(index)
+        batch = train.batch(index)
         rows = official.memory_rows(batch)
-        distinct.append((len(np.unique(base.train.pair_image[rows])), len(np.unique(rows))))
+        distinct.append((len(np.unique(train.pair_image[rows])), len(np.unique(rows))))
         for name, method in methods.items():
             clock = time.perf_counter()
-            train_step(method, batch, method.ctx.optimizers, method.ctx.lr, method.run_defaults.get("grad_clip", 0.0))
+            train_step(method, batch, method.ctx.lr, method.run_defaults.get("grad_clip", 0.0))
             times[name].append(time.perf_counter() - clock)
         clock = time.perf_counter()
         reference.step(batch, lr[NPCOfficial])

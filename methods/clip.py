@@ -1,4 +1,4 @@
-"""Plain CLIP fine-tuning: symmetric InfoNCE on every pair, noisy or not (npc.md §3)."""
+"""Plain CLIP fine-tuning: symmetric InfoNCE on every pair, noisy or not (docs/methods/clip.md)."""
 from __future__ import annotations
 
 from torch import Tensor
@@ -15,7 +15,7 @@ class CLIPFineTune(Method):
     description = "plain CLIP fine-tuning with symmetric InfoNCE (no noise handling)"
     supports_distributed = True  # the loss sees the global batch: features gathered over the processes
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch) -> Tensor:
         model = self.ctx.models[0]
         image, text = gather_features(*model(batch.images, batch.tokens)[:2])
-        return {"loss": infonce(pair_logits(image, text, model.logit_scale))}
+        return infonce(pair_logits(image, text, model.logit_scale))

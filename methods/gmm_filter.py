@@ -1,4 +1,4 @@
-"""GMM small-loss filtering on one CLIP model, re-fit every epoch (baselines.md §2.3), and its soft variant."""
+"""GMM small-loss filtering on one CLIP model, re-fit every epoch (docs/methods/gmm-filter.md), and its soft variant."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -13,7 +13,7 @@ from ncbench.mixture import DivisionParams, divide, division_threshold
 
 
 class GmmFilter(CLIPFineTune):
-    """``gmm-filter`` (baselines.md §2.3): at each epoch start, a 2-component GMM on the min-max normalised
+    """``gmm-filter`` (docs/methods/gmm-filter.md): at each epoch start, a 2-component GMM on the min-max normalised
     per-pair InfoNCE (eval mode, seeded random batches) gives each pair's clean posterior ``w``; the epoch then
     trains plain symmetric InfoNCE on shuffled batches of the pairs with ``w`` above the threshold only."""
 
@@ -54,7 +54,7 @@ class GmmFilter(CLIPFineTune):
 
 
 class GmmWeight(GmmFilter):
-    """``gmm-weight`` (baselines.md §2.3 variant): every pair is trained, its per-pair InfoNCE weighted by the
+    """``gmm-weight`` (docs/methods/gmm-weight.md): every pair is trained, its per-pair InfoNCE weighted by the
     clean posterior ``w`` and normalised by the batch size (not by the sum of ``w``)."""
 
     name = "gmm-weight"
@@ -63,11 +63,11 @@ class GmmWeight(GmmFilter):
     def epoch_batches(self, epoch: int) -> Iterator[np.ndarray]:
         return Method.epoch_batches(self, epoch)
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch) -> Tensor:
         if self.w is None:
             return super().training_step(batch)
         model = self.ctx.models[0]
         image, text = model(batch.images, batch.tokens)[:2]
         loss = per_pair_infonce(pair_logits(image, text, model.logit_scale))
         weight = loss.new_tensor(self.w[batch.index.numpy()])
-        return {"loss": (weight * loss).mean()}
+        return (weight * loss).mean()

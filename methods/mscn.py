@@ -1,14 +1,14 @@
-"""MSCN-style meta-correction on CLIP (mscn.md §7), a method of the "uses clean data" track.
+"""MSCN-style meta-correction on CLIP (docs/methods/mscn.md), a method of the "uses clean data" track.
 
-Original: Han et al., "Noisy Correspondence Learning with Meta Similarity Correction", CVPR 2023 (mscn.md §1–§4).
+Original: Han et al., "Noisy Correspondence Learning with Meta Similarity Correction", CVPR 2023 (docs/methods/mscn.md#original).
 A meta network V_θ on pair features is trained by a bi-level step (virtual step of the projections, binary
 cross-entropy on clean positive and negative meta pairs through it, second order) and gives each training pair
 a weight γ̂(s) in the InfoNCE; after the warm-up, a Beta mixture initialised from the meta pairs' scores and
 fitted by EM on the training scores drops the pairs it judges noisy. It is "MSCN-style" because CLIP's cosine
-stays the retrieval score: V_θ only weights the loss and filters data (§7.1).
+stays the retrieval score: V_θ only weights the loss and filters data (docs/methods/mscn.md#mscn-a1).
 
-Meta data: the harness's clean subset (``--clean-fraction``, mscn.md §7.6). Negative meta pairs re-pair a meta
-caption with another meta image (the paper's recipe, §8 item 15): they are true non-matches by construction and
+Meta data: the harness's clean subset (``--clean-fraction``, docs/methods/mscn.md#meta-data). Negative meta pairs re-pair a meta
+caption with another meta image (the paper's recipe, docs/methods/mscn.md#mscn-15): they are true non-matches by construction and
 share captions and images with the positives, so only the pairing tells the classes apart.
 """
 from __future__ import annotations
@@ -26,21 +26,20 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ncbench.errors import UserError
-from ncbench.evaluate import embed
 from ncbench.losses import pair_logits, per_pair_infonce
-from ncbench.method import Batch, Context, Method, TrainSet, shuffled_batches
+from ncbench.method import Batch, Context, Method, StepOutput, TrainSet, shuffled_batches
 from ncbench.optim import set_lr
 
-SCORE_CLAMP = 1e-3  # §4: scores clamped to [1e-3, 1 - 1e-3] before the Beta fits
+SCORE_CLAMP = 1e-3  # docs/methods/mscn.md#purification: scores clamped to [1e-3, 1 - 1e-3] before the Beta fits
 CALIBRATION_RIDGE = 1e-4  # on the cosine scale a of V_θ's initial logistic calibration
-EM_ITERS, EM_TOL = 10, 1e-2  # §4: at most 10 EM iterations, stop when the log-likelihood gains less than 1e-2
-# The "proj" virtual scope (§7.4): names of the final image / text projection matrices of open_clip ViT CLIPs.
+EM_ITERS, EM_TOL = 10, 1e-2  # docs/methods/mscn.md#purification: at most 10 EM iterations, stop when the log-likelihood gains less than 1e-2
+# The "proj" virtual scope (docs/methods/mscn.md#virtual-scope): names of the final image / text projection matrices of open_clip ViT CLIPs.
 PROJECTIONS = (("visual.proj",), ("text_projection", "text.text_projection"))
 
 
 @dataclass(frozen=True)
 class MSCNParams:
-    """mscn.md §7.5 defaults; MSCN's own values in the comments' brackets."""
+    """docs/methods/mscn.md#hyper-parameters defaults; MSCN's own values in the comments' brackets."""
 
     warmup_epochs: int = 1  # [5] plain InfoNCE on every pair; V_θ learns from the meta pairs by direct BCE
     meta_hidden: int = 64  # [64]
@@ -69,10 +68,10 @@ class MSCNParams:
 
 
 class MetaNet(nn.Module):
-    """V_θ (§7.2): z = a·cos(u, v) + b + MLP([u ⊙ v; |u − v|]); σ(z) is the probability that the pair corresponds.
+    """V_θ (docs/methods/mscn.md#meta-net): z = a·cos(u, v) + b + MLP([u ⊙ v; |u − v|]); σ(z) is the probability that the pair corresponds.
 
     The MLP's last layer starts at zero, so V_θ starts as a logistic calibration of CLIP's cosine. It always
-    runs in its own precision (fp32), outside autocast (§7.4).
+    runs in its own precision (fp32), outside autocast (docs/methods/mscn.md#precision).
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -92,7 +91,7 @@ class MetaNet(nn.Module):
 
 
 def gamma_hat(s: Tensor) -> Tensor:
-    """MSCN's self-adaptive margin shape γ̂(s) = s² / (s² + (1 − s)²) (§1.3), here a pair's loss weight (§7.2)."""
+    """MSCN's self-adaptive margin shape γ̂(s) = s² / (s² + (1 − s)²) (docs/methods/mscn.md#self-adaptive-margin), here a pair's loss weight (docs/methods/mscn.md#weights)."""
     return s.square() / (s.square() + (1 - s).square())
 
 
@@ -102,13 +101,13 @@ def project(pooled: Tensor, proj: Tensor) -> Tensor:
 
 
 def weighted_infonce(u: Tensor, v: Tensor, logit_scale: Tensor, w: Tensor) -> Tensor:
-    """(1/B) Σ_i w_i · ½[CE_i2t(i) + CE_t2i(i)] with in-batch negatives (§7.2); w ≡ 1 is CLIP's loss."""
+    """(1/B) Σ_i w_i · ½[CE_i2t(i) + CE_t2i(i)] with in-batch negatives (docs/methods/mscn.md#weights); w ≡ 1 is CLIP's loss."""
     return (w * per_pair_infonce(pair_logits(u, v, logit_scale))).mean()
 
 
 def virtual_projections(meta_net: MetaNet, pooled: Sequence[Tensor], proj: Sequence[Tensor], logit_scale: Tensor,
                         lr: float, v_hat: Sequence[Tensor | None] | None, eps: float) -> list[Tensor]:
-    """STEP 1 (§3 Eq. 7, §7.3): the virtual projections P' as a differentiable function of θ.
+    """STEP 1 (MSCN paper Eq. 7; docs/methods/mscn.md#virtual-step): the virtual projections P' as a differentiable function of θ.
 
     g = ∂L/∂P of the γ̂(σ(V_θ))-weighted InfoNCE, with the graph kept (``create_graph``); P' = P − η·g/(√v̂ + ε)
     (Adam-preconditioned; a ``None`` entry of ``v_hat`` uses g², Adam's first step) or, with ``v_hat=None``,
@@ -126,13 +125,13 @@ def virtual_projections(meta_net: MetaNet, pooled: Sequence[Tensor], proj: Seque
 
 def meta_bce(meta_net: MetaNet, pooled: Sequence[Tensor], proj: Sequence[Tensor],
              labels: Tensor) -> tuple[Tensor, Tensor]:
-    """STEP 2's loss (§3 Eq. 8): BCE of V_θ on meta pairs embedded with ``proj`` (virtual or current); the logits."""
+    """STEP 2's loss (MSCN paper Eq. 8; docs/methods/mscn.md#meta-update): BCE of V_θ on meta pairs embedded with ``proj`` (virtual or current); the logits."""
     z = meta_net(project(pooled[0], proj[0]), project(pooled[1], proj[1]))
     return F.binary_cross_entropy_with_logits(z, labels.to(z.dtype)), z
 
 
 def fit_beta(x: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float]:
-    """Beta (α, β) by the (weighted) method of moments (§4): α = μ·c, β = (1 − μ)·c, c = μ(1 − μ)/σ² − 1."""
+    """Beta (α, β) by the (weighted) method of moments (docs/methods/mscn.md#purification): α = μ·c, β = (1 − μ)·c, c = μ(1 − μ)/σ² − 1."""
     mean = float(np.average(x, weights=weights))
     var = max(float(np.average((x - mean) ** 2, weights=weights)), 1e-12)
     common = mean * (1 - mean) / var - 1
@@ -148,11 +147,11 @@ def _mixture_posterior(x: np.ndarray, beta: np.ndarray, weights: np.ndarray) -> 
 
 def purify(scores: np.ndarray, meta_pos: np.ndarray, meta_neg: np.ndarray,
            min_keep_frac: float) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Data purification (§4, §7.2): each training pair's clean posterior, the kept mask, and whether EM was used.
+    """Data purification (docs/methods/mscn.md#purification): each training pair's clean posterior, the kept mask, and whether EM was used.
 
     Scores are clamped to [1e-3, 1 − 1e-3]; Betas fitted by moments to the negative and positive meta scores
     make an equal-weight [noisy, clean] mixture, refined by EM on the training scores (≤ 10 iterations, stop
-    at a log-likelihood gain < 1e-2); pairs with posterior > 0.5 are kept. Guards (§7.2): if EM yields
+    at a log-likelihood gain < 1e-2); pairs with posterior > 0.5 are kept. Guards (docs/methods/mscn.md#purification): if EM yields
     non-finite or non-positive parameters, or a clean mean below the noisy one, the meta-initialised mixture is
     used as is; if fewer than ``min_keep_frac`` of the pairs are kept, the highest-scoring share is kept.
     """
@@ -185,7 +184,7 @@ def purify(scores: np.ndarray, meta_pos: np.ndarray, meta_neg: np.ndarray,
 
 
 def projection_names(model: nn.Module) -> list[str]:
-    """The image and text projection matrices of an open_clip ViT CLIP (the "proj" virtual scope, §7.4)."""
+    """The image and text projection matrices of an open_clip ViT CLIP (the "proj" virtual scope, docs/methods/mscn.md#virtual-scope)."""
     params = dict(model.named_parameters())
     names = [next((n for n in options if n in params and params[n].ndim == 2), None) for options in PROJECTIONS]
     if None in names:
@@ -206,7 +205,7 @@ class _Towers(nn.Module):
 
 
 class MSCN(Method):
-    """MSCN-style meta-correction (mscn.md §7.3): warm-up, then per epoch purification and bi-level steps."""
+    """MSCN-style meta-correction (docs/methods/mscn.md#one-step): warm-up, then per epoch purification and bi-level steps."""
 
     name = "mscn"
     description = "MSCN-style meta-correction: meta-learned pair weights and Beta-mixture purification (clean data)"
@@ -217,8 +216,6 @@ class MSCN(Method):
         super().setup(ctx)
         if ctx.clean_subset is None or len(ctx.clean_subset.images) < 2:
             raise UserError("mscn needs a clean subset of at least 2 images (--clean-fraction > 0)")
-        if len(ctx.optimizers) != len(ctx.models):
-            raise ValueError("mscn reads the harness's optimizer of its model: Context.optimizers is empty")
         model = ctx.models[0]
         names = projection_names(model)
         params = dict(model.named_parameters())
@@ -237,7 +234,7 @@ class MSCN(Method):
 
     # --- meta data -----------------------------------------------------------------------------------------
     def _resample_negatives(self) -> None:
-        """One negative per meta caption: another meta image, uniformly (§2: 1:1, resampled every epoch)."""
+        """One negative per meta caption: another meta image, uniformly (docs/methods/mscn.md#meta-data: 1:1, resampled every epoch)."""
         clean = self.ctx.clean_subset
         other = self.ctx.rng.integers(len(clean.images) - 1, size=self.n_meta)
         self._set_negatives(other + (other >= clean.pair_image))
@@ -260,12 +257,11 @@ class MSCN(Method):
     @torch.no_grad()
     def _embed_meta(self) -> tuple[Tensor, Tensor]:
         """Embeddings (u, v) of every meta pair, positives then negatives, in eval mode."""
-        clean = self.ctx.clean_subset
-        img, txt = embed([self.ctx.models[0]], clean.images, clean.tokens, clean.normalize, self.ctx.autocast)
+        img, txt = self.ctx.encode(self.ctx.models[0], self.ctx.clean_subset)
         return img[torch.from_numpy(self.meta.pair_image).to(img.device)], torch.cat([txt, txt])
 
     def _calibrate(self) -> None:
-        """Initial (a, b): logistic regression of the meta labels on CLIP's cosines of the meta pairs (§7.2), with a
+        """Initial (a, b): logistic regression of the meta labels on CLIP's cosines of the meta pairs (docs/methods/mscn.md#meta-net), with a
         tiny ridge on a that keeps it finite when CLIP already separates the meta pairs."""
         u, v = self._embed_meta()
         cos = (u * v).sum(-1)
@@ -283,7 +279,7 @@ class MSCN(Method):
 
     # --- hooks ---------------------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int) -> None:
-        """Purify with the current negatives after the warm-up (§4), then resample the negatives (§7.3)."""
+        """Purify with the current negatives after the warm-up (docs/methods/mscn.md#purification), then resample the negatives (docs/methods/mscn.md#one-step)."""
         self.epoch = epoch
         if epoch >= self.params.warmup_epochs:
             self._purify()
@@ -304,7 +300,7 @@ class MSCN(Method):
         """Pooled features before the projections: the towers run with identity matrices in their place."""
         return functional_call(self.towers, self.identity, (images, tokens))
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         """Meta update every ``meta_interval`` steps (STEPS 1–2), then the real loss with the new θ (STEP 3)."""
         model = self.ctx.models[0]
         main = self.epoch >= self.params.warmup_epochs
@@ -313,41 +309,31 @@ class MSCN(Method):
         self.step += 1
         u, v = (project(x, p) for x, p in zip(pooled, self.proj))
         if not main:
-            return {"loss": weighted_infonce(u, v, model.logit_scale, torch.ones_like(u[:, 0])), **logs}
+            return StepOutput({"loss": weighted_infonce(u, v, model.logit_scale, torch.ones_like(u[:, 0]))}, logs)
         with torch.no_grad():
             w = gamma_hat(torch.sigmoid(self.meta_net(u, v)))
-        return {"loss": weighted_infonce(u, v, model.logit_scale, w), "weight": w.mean(),
-                "kept": torch.tensor(float(self.keep.mean())), "em_used": torch.tensor(float(self.used_em)), **logs}
+        return StepOutput({"loss": weighted_infonce(u, v, model.logit_scale, w)},
+                          {"weight": w.mean(), "kept": float(self.keep.mean()), "em_used": float(self.used_em), **logs})
 
     def _meta_update(self, pooled: tuple[Tensor, Tensor], main: bool) -> dict[str, Tensor]:
-        """STEPS 1–2 (§3 Eq. 7–8, §7.3): P' from a virtual step (main stage, ``meta_order`` 2; otherwise P), BCE
+        """STEPS 1–2 (MSCN paper Eq. 7–8; docs/methods/mscn.md#one-step): P' from a virtual step (main stage, ``meta_order`` 2; otherwise P), BCE
         of V_θ on a meta batch at P', one Adam step on θ. No gradient reaches the CLIP model."""
-        optimizer = self.ctx.optimizers[0]
-        group = optimizer.param_groups[0]
+        lr = self.ctx.current_lr
         proj = [p.detach() for p in self.proj]
         if main and self.params.meta_order == 2:
-            v_hat = None if self.params.virtual_step == "sgd" else [self._adam_v_hat(optimizer, p) for p in self.proj]
-            proj = virtual_projections(self.meta_net, pooled, self.proj, self.ctx.models[0].logit_scale, group["lr"],
-                                       v_hat, group["eps"])
+            v_hat = None if self.params.virtual_step == "sgd" else [self.ctx.second_moment(p) for p in self.proj]
+            proj = virtual_projections(self.meta_net, pooled, self.proj, self.ctx.models[0].logit_scale, lr,
+                                       v_hat, self.ctx.adam_eps)
         batch, labels = self._meta_batch()
         with torch.no_grad():
             pooled_meta = self._pooled(batch.images, batch.tokens)
         loss, z = meta_bce(self.meta_net, pooled_meta, proj, labels)
         base = self.params.meta_lr if main else self.params.meta_warmup_lr
-        set_lr(self.meta_opt, base * group["lr"] / self.ctx.lr)  # the main lr schedule (§7.5)
+        set_lr(self.meta_opt, base * lr / self.ctx.lr)  # the main lr schedule (docs/methods/mscn.md#hyper-parameters)
         self.meta_opt.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.meta_net.parameters()))
         self.meta_opt.step()
         return {"meta_bce": loss.detach(), "meta_acc": ((z.detach() > 0) == (labels > 0.5)).float().mean()}
-
-    @staticmethod
-    def _adam_v_hat(optimizer: torch.optim.Optimizer, param: Tensor) -> Tensor | None:
-        """Bias-corrected second moment of ``param`` in the real Adam(W), detached; None before its first step."""
-        state = optimizer.state.get(param)
-        if not state:
-            return None
-        beta2 = optimizer.param_groups[0]["betas"][1]
-        return state["exp_avg_sq"].detach() / (1 - beta2 ** float(state["step"]))
 
     def clean_scores(self) -> np.ndarray | None:
         """The purification's clean posterior of every training pair (None during the warm-up)."""

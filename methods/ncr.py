@@ -1,7 +1,6 @@
-"""NCR on CLIP: two models, co-divide, soft correspondence labels inside InfoNCE (baselines.md §2.4, from §2.1)."""
+"""NCR on CLIP: two models, co-divide, soft correspondence labels inside InfoNCE (docs/methods/ncr.md)."""
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -11,16 +10,17 @@ from torch import Tensor, nn
 
 from ncbench.errors import UserError
 from ncbench.losses import infonce, pair_logits, per_pair_infonce, per_pair_soft_infonce
-from ncbench.method import Batch, Context, Method, shuffled_batches
+from ncbench.method import Batch, Context, Method, StepOutput, shuffled_batches
 from ncbench.mixture import DivisionParams, divide, division_threshold
 from ncbench.seeding import derive_seed
 
 SOFT_LOSSES = ("weighted", "soft_target")
+MODELS = ("a", "b")  # the two networks' names in a step's batches and losses
 
 
 @dataclass(frozen=True)
 class NCRParams(DivisionParams):
-    """The division of ``gmm-filter`` plus NCR's rectification (baselines.md §2.4 defaults)."""
+    """The division of ``gmm-filter`` plus NCR's rectification (docs/methods/ncr.md#hyper-parameters)."""
 
     alpha: float = 0.2  # hinge margin of the confidence ``conf``
     soft_loss: str = "weighted"  # how a soft label y enters InfoNCE: weighted or soft_target
@@ -34,7 +34,7 @@ class NCRParams(DivisionParams):
 
 
 def ncr_confidence(sim: Tensor, alpha: float) -> Tensor:
-    """NCR's correspondence confidence of each pair of a batch from its cosine matrix (baselines.md §2.1 step 2).
+    """NCR's correspondence confidence of each pair of a batch from its cosine matrix (docs/methods/ncr.md#confidence).
 
     ``p_i = clamp(α − ½(mean_j h^s_ij + mean_j h^im_ji), 0, α)`` with the diagonal counted as 0 in both means,
     divided by the mean of its top ``B//10 + 1`` values and clipped to at most 1.
@@ -49,7 +49,7 @@ def ncr_confidence(sim: Tensor, alpha: float) -> Tensor:
 
 
 class NCR(Method):
-    """``ncr`` (baselines.md §2.4): models A and B; at each epoch start each one's GMM division (as ``gmm-filter``).
+    """``ncr`` (docs/methods/ncr.md): models A and B; at each epoch start each one's GMM division (as ``gmm-filter``).
 
     Co-divide: A trains on B's division and B on A's. A model's labeled batches (the peer's clean pairs; they
     set its epoch length) get the soft label ``y = w_peer + (1 − w_peer)·conf(net)``; from epoch ``epochs // 2``
@@ -58,10 +58,11 @@ class NCR(Method):
     embeddings of net's training forward (the CLIP backbones have no dropout or batch norm, so it equals NCR's
     eval-mode forward and saves two forwards per model and step). Each model has its own batch order.
 
-    One harness step updates both models: its index is [A labeled | A unlabeled | B labeled | B unlabeled]
-    (sizes in :attr:`layouts`); a model whose epoch is done idles (no gradient, so its AdamW skips it). Unlike
-    the release, which trains A's whole epoch and then B's, both step together, so peer confidences come from
-    the peer's current weights. Evaluation averages A's and B's cosine similarities (NCR's ensemble).
+    Each step takes the named batches ``a``, ``a_unlabeled``, ``b``, ``b_unlabeled`` (each model's labeled and
+    unlabeled pairs) and updates both models; a model whose epoch is done gets no batch and idles (no gradient,
+    so its AdamW skips it). Unlike the release, which trains A's whole epoch and then B's, both step together, so
+    peer confidences come from the peer's current weights. Evaluation averages A's and B's cosine similarities
+    (NCR's ensemble).
     """
 
     name = "ncr"
@@ -72,51 +73,42 @@ class NCR(Method):
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
         self.w: np.ndarray | None = None  # (2, N): w[m] is the clean posterior under model m
-        self.layouts: deque[tuple[int, int, int, int]] = deque()  # pending steps' segment sizes
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.params.fits_at(epoch):  # both divisions before either model trains
             self.w = np.stack([divide(self.ctx, model, epoch, self.params) for model in self.ctx.models])
 
-    def epoch_batches(self, epoch: int) -> Iterator[np.ndarray]:
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         size, n = self.ctx.batch_size, len(self.ctx.train)
-        plans = []
-        for m in (0, 1):
+        plans = {}
+        for m, net in enumerate(MODELS):
             rng = np.random.default_rng(derive_seed("ncr-order", self.ctx.seed, epoch, m))
             if self.w is None:  # warm-up: plain InfoNCE on every pair
-                plans.append((list(shuffled_batches(rng, n, size)), []))
+                plans[net] = list(shuffled_batches(rng, n, size))
                 continue
             w = self.w[1 - m]
             clean = w > division_threshold(w, self.params.p_threshold, self.params.min_noisy_frac)
-            labeled = list(shuffled_batches(rng, np.flatnonzero(clean), size))
+            plans[net] = list(shuffled_batches(rng, np.flatnonzero(clean), size))
             noisy = np.flatnonzero(~clean)
-            use_unlabeled = epoch >= self.ctx.epochs // 2 and len(noisy) > 0
-            plans.append((labeled, _cycled(rng, noisy, size, len(labeled)) if use_unlabeled else []))
-        self.layouts.clear()
-        empty = np.empty(0, dtype=np.int64)
-        for k in range(max(len(plans[0][0]), len(plans[1][0]))):
-            parts = [part[k] if k < len(part) else empty for plan in plans for part in plan]
-            self.layouts.append(tuple(len(p) for p in parts))
-            yield np.concatenate(parts)
+            if epoch >= self.ctx.epochs // 2 and len(noisy) > 0:
+                plans[f"{net}_unlabeled"] = _cycled(rng, noisy, size, len(plans[net]))
+        for k in range(max(len(plans[net]) for net in MODELS)):
+            yield {name: batches[k] for name, batches in plans.items() if k < len(batches)}
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
-        bounds = np.cumsum([0, *self.layouts.popleft()])
-        part = [_rows(batch, slice(bounds[i], bounds[i + 1])) for i in range(4)]
-        losses = {f"loss_{'ab'[m]}": self._model_loss(m, part[2 * m], part[2 * m + 1]) for m in (0, 1)}
-        return {"loss": losses["loss_a"] + losses["loss_b"], **losses}
+    def training_step(self, batch: dict[str, Batch]) -> StepOutput:
+        return StepOutput({f"loss_{net}": self._model_loss(m, batch[net], batch.get(f"{net}_unlabeled"))
+                           for m, net in enumerate(MODELS) if net in batch})
 
-    def _model_loss(self, m: int, labeled: Batch, unlabeled: Batch) -> Tensor:
-        """Loss of model ``m`` on its labeled (peer-clean) and unlabeled (peer-noisy) segments; 0 if it idles."""
+    def _model_loss(self, m: int, labeled: Batch, unlabeled: Batch | None) -> Tensor:
+        """Loss of model ``m`` on its labeled (peer-clean) and unlabeled (peer-noisy) batches."""
         net, peer = self.ctx.models[m], self.ctx.models[1 - m]
-        if len(labeled.index) == 0:
-            return torch.zeros((), device=self.ctx.device)
         image, text = net(labeled.images, labeled.tokens)[:2]
         logits = pair_logits(image, text, net.logit_scale)
         if self.w is None:
             return infonce(logits)
         w = torch.as_tensor(self.w[1 - m][labeled.index.numpy()], dtype=torch.float32, device=self.ctx.device)
         loss = self._soft_loss(logits, w + (1 - w) * self._confidence(image, text))
-        if len(unlabeled.index):
+        if unlabeled is not None:
             image, text = net(unlabeled.images, unlabeled.tokens)[:2]
             with torch.no_grad():
                 was_training = peer.training
@@ -151,10 +143,6 @@ class NCR(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.w = state["w"]
-
-
-def _rows(batch: Batch, rows: slice) -> Batch:
-    return Batch(batch.index[rows], batch.images[rows], batch.tokens[rows])
 
 
 def _cycled(rng: np.random.Generator, pairs: np.ndarray, size: int, count: int) -> list[np.ndarray]:

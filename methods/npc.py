@@ -1,16 +1,16 @@
-"""NPC, Negative Pre-aware Cross-modal matching (npc.md §4): ``npc`` (paper-faithful) and ``npc-official``.
+"""NPC, Negative Pre-aware Cross-modal matching (docs/methods/npc.md): ``npc`` (paper-faithful) and ``npc-official``.
 
-Both share the memory bank of npc.md §4.2 (a 2-component GMM on the per-pair loss of the model at the start of
+Both share the memory bank of docs/methods/npc.md#memory-bank (a 2-component GMM on the per-pair loss of the model at the start of
 fine-tuning, clean set = posterior > 0.9, every pair mapped to its nearest clean pair by image and by caption) and
-the siamese step of §4.3: copy A, take one AdamW step on the batch loss with a separate optimiser whose moments
-persist, and weight each pair by how the step changed the losses of its two memory pairs. Both run fused (§8): the
+the siamese step of docs/methods/npc.md#official-step: copy A, take one AdamW step on the batch loss with a separate optimiser whose moments
+persist, and weight each pair by how the step changed the losses of its two memory pairs. Both run fused (docs/methods/npc.md#fused-step): the
 siamese model A' is never built; its parameters are a virtual set (one parameter-size buffer) that receives A's
 weights, is stepped by the siamese AdamW and evaluated through ``torch.func.functional_call``; right after the copy
 A' equals A, so A's own batch forward and gradient stand in for A''s, and the "before" memory losses are A's own
 (reused from the batch forward where a memory image or caption is in the batch); every distinct image and caption of
 a memory batch is encoded once. A' runs in eval mode in the official code and A here in train mode: the same for
-open_clip's CLIP models, which have no dropout (D8). The bank's per-pair losses use seeded random batches of the
-training batch size (§4.2 step 2 leaves them open).
+open_clip's CLIP models, which have no dropout (docs/methods/npc.md#npc-8). The bank's per-pair losses use seeded random batches of the
+training batch size (the official code leaves them open: docs/methods/npc.md#npc-a2).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch.func import functional_call
 from ncbench.config import RunConfig
 from ncbench.errors import UserError
 from ncbench.losses import pair_logits, per_pair_infonce
-from ncbench.method import Batch, Context, Method
+from ncbench.method import Batch, Context, Method, StepOutput
 from ncbench.mixture import clean_posterior
 from ncbench.optim import set_lr
 from ncbench.seeding import derive_seed
@@ -36,11 +36,11 @@ BANK_REFRESH = ("frozen", "epoch")
 
 @dataclass(frozen=True)
 class NPCParams:
-    """Hyper-parameters shared by both NPC variants (npc.md §7)."""
+    """Hyper-parameters shared by both NPC variants (docs/methods/npc.md#hyper-parameters)."""
 
-    bank_refresh: str = "frozen"  # "frozen": built once at the start of fine-tuning (D5); "epoch": rebuilt each epoch
-    clean_threshold: float = 0.9  # memory-bank clean set: GMM clean posterior > this (§4.2 step 3)
-    siamese_lr_scale: float = 1.0  # siamese AdamW lr / the main model's scheduled lr (official: equal, §7)
+    bank_refresh: str = "frozen"  # "frozen": built once at the start of fine-tuning (docs/methods/npc.md#npc-5); "epoch": rebuilt each epoch
+    clean_threshold: float = 0.9  # memory-bank clean set: GMM clean posterior > this (docs/methods/npc.md#memory-bank)
+    siamese_lr_scale: float = 1.0  # siamese AdamW lr / the main model's scheduled lr (official: equal, docs/methods/npc.md#npc-4)
 
     def __post_init__(self) -> None:
         if self.bank_refresh not in BANK_REFRESH:
@@ -52,7 +52,7 @@ class NPCParams:
 
 
 def npc_clean_probability(losses: np.ndarray, seed: int) -> np.ndarray:
-    """Clean posterior of each pair as ``get_mbank`` fits it (npc.md §4.2 step 3): 2 components, max_iter 100,
+    """Clean posterior of each pair as ``get_mbank`` fits it (docs/methods/npc.md#memory-bank): 2 components, max_iter 100,
     tol 1e-2, reg_covar 5e-4 on the raw losses; the posterior of the lower-mean component.
 
     :func:`ncbench.mixture.clean_posterior` fits min-max normalised losses; dividing ``reg_covar`` by the squared
@@ -69,13 +69,13 @@ def _nearest(query: Tensor, bank: Tensor, chunk: int = 4096) -> Tensor:
 
 def memory_bank(image_emb: Tensor, text_emb: Tensor, pair_image: np.ndarray, clean: np.ndarray,
                 cosine: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Memory entries ``(by_image, by_text)`` of every training pair (npc.md §4.2 step 5).
+    """Memory entries ``(by_image, by_text)`` of every training pair (docs/methods/npc.md#memory-bank).
 
     ``image_emb`` (one row per image) and ``text_emb`` (one row per pair) are the encoders' raw outputs; pair ``p``
     is (image ``pair_image[p]``, caption ``p``) and ``clean`` marks the bank. ``by_image[p]`` is the clean pair whose
     image is nearest to ``p``'s image (so all pairs of one image share it), ``by_text[p]`` the clean pair whose
     caption is nearest to ``p``'s caption. Queries are L2-normalised; the bank too when ``cosine`` (the paper's
-    reading, D9 PF), otherwise it keeps its norms as in the official code (D9 OF).
+    reading, docs/methods/npc.md#npc-9), otherwise it keeps its norms as in the official code (docs/methods/npc.md#npc-9).
     """
     bank = np.flatnonzero(clean)
     if len(bank) == 0:
@@ -90,7 +90,7 @@ def memory_bank(image_emb: Tensor, text_emb: Tensor, pair_image: np.ndarray, cle
 
 def confidence_weight(before_image: Tensor, after_image: Tensor, before_text: Tensor, after_text: Tensor) -> Tensor:
     """``w = tanh(r)`` if ``r < 1`` else 1, with ``r`` the mean of the before/after loss ratios of the two memory
-    pairs (npc.md §4.3 line 8, D7)."""
+    pairs (docs/methods/npc.md#npc-7)."""
     ratio = 0.5 * (before_image / after_image + before_text / after_text)
     return torch.where(ratio < 1, torch.tanh(ratio), torch.ones_like(ratio))
 
@@ -122,7 +122,7 @@ class _NPCBase(Method):
         self.model = ctx.models[0]
         self.weights = list(self.model.parameters())
         self.names = [name for name, _ in self.model.named_parameters()]
-        # A''s parameters as a virtual set (never a second module) and its AdamW: own moments, kept across steps (D4)
+        # A''s parameters as a virtual set (never a second module) and its AdamW: own moments, kept across steps (docs/methods/npc.md#npc-4)
         self.siamese_weights = [w.detach().clone().requires_grad_(True) for w in self.weights]
         self.siamese = ctx.make_optimizer(self.siamese_weights)
         self.clean_prob: np.ndarray | None = None
@@ -134,12 +134,12 @@ class _NPCBase(Method):
             self.build_bank(epoch)
 
     def build_bank(self, epoch: int) -> None:
-        """The memory bank from the current model (npc.md §4.2)."""
+        """The memory bank from the current model (docs/methods/npc.md#memory-bank)."""
         self.bank_from_embeddings(*self.ctx.encode_train(self.model, unit=False), epoch=epoch)
 
     def bank_from_embeddings(self, image_emb: Tensor, text_emb: Tensor, epoch: int) -> None:
         """GMM on the per-pair loss (seeded random batches) of the current model's raw training embeddings
-        (:meth:`Context.encode_train` with ``unit=False``), then the nearest clean pairs (npc.md §4.2)."""
+        (:meth:`Context.encode_train` with ``unit=False``), then the nearest clean pairs (docs/methods/npc.md#memory-bank)."""
         unit = (F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1))
         losses = self.ctx.per_pair_loss(self.model, seed=derive_seed("npc-bank-order", self.ctx.seed, epoch),
                                         embeddings=unit)
@@ -155,7 +155,7 @@ class _NPCBase(Method):
     def memory_losses(self, rows: np.ndarray, known: tuple[Batch, Tensor, Tensor] | None = None,
                       weights: dict[str, Tensor] | None = None) -> Tensor:
         """Per-pair InfoNCE of the memory pairs ``rows``, each B-sized half (image side, caption side) with its own
-        in-batch negatives (D10), under the model's weights or the virtual set ``weights``. ``known`` = (batch, its
+        in-batch negatives (docs/methods/npc.md#npc-10), under the model's weights or the virtual set ``weights``. ``known`` = (batch, its
         image and caption embeddings at the same weights) lends embeddings; every other distinct image and caption
         is encoded once."""
         train, device = self.ctx.train, self.ctx.device
@@ -176,11 +176,11 @@ class _NPCBase(Method):
     @torch.no_grad()
     def siamese_after(self, rows: np.ndarray, grads: list[Tensor]) -> Tensor:
         """Memory losses under A'_{s+1}: copy A's weights into the virtual set, step it with the siamese AdamW on
-        ``grads`` (npc.md §4.3 lines 2 and 6) and evaluate the memory pairs with it (§8 changes 1 and 5)."""
+        ``grads`` (docs/methods/npc.md#official-step, steps 2 and 6) and evaluate the memory pairs with it (docs/methods/npc.md#fused-step, rewrites 1 and 5)."""
         for virtual, w, g in zip(self.siamese_weights, self.weights, grads):
             virtual.copy_(w)
             virtual.grad = g.contiguous()  # the fused AdamW kernel reads grads as dense memory
-        set_lr(self.siamese, self.ctx.optimizers[0].param_groups[0]["lr"] * self.params.siamese_lr_scale)
+        set_lr(self.siamese, self.ctx.current_lr * self.params.siamese_lr_scale)
         self.siamese.step()
         for virtual in self.siamese_weights:
             virtual.grad = None
@@ -203,10 +203,10 @@ class _NPCBase(Method):
 
 
 class NPC(_NPCBase):
-    """``npc``: the paper's reading (npc.md §4.4, §4.6 npc_paper). Per-pair weights multiply per-pair losses (D1 PF),
-    the memory-pair loss is computed by A with gradient and trained (D2 PF), one siamese step on the batch-mean
-    loss (D3 PF) with a persistent AdamW (D4), cosine nearest neighbours (D9 PF), gradient clipping at 10 (D6).
-    The lr is the harness lr, as for ``clip`` (the paper's lr is unknown, D14).
+    """``npc``: the paper's reading (docs/methods/npc.md#variants). Per-pair weights multiply per-pair losses (docs/methods/npc.md#npc-1),
+    the memory-pair loss is computed by A with gradient and trained (docs/methods/npc.md#npc-2), one siamese step on the batch-mean
+    loss (docs/methods/npc.md#npc-3) with a persistent AdamW (docs/methods/npc.md#npc-4), cosine nearest neighbours (docs/methods/npc.md#npc-9), gradient clipping at 10 (docs/methods/npc.md#npc-6).
+    The lr is the harness lr, as for ``clip`` (the paper's lr is unknown, docs/methods/npc.md#npc-14).
 
     Forwards per step: the batch (with graph), the memory images and captions not in the batch (with graph), the
     memory pairs after the siamese step (no grad). Backwards: the batch loss alone (siamese gradient), then the
@@ -218,7 +218,7 @@ class NPC(_NPCBase):
     cosine_bank = True
     run_defaults: ClassVar[dict] = {"grad_clip": 10.0}
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         image, text = self.model(batch.images, batch.tokens)[:2]
         pair_loss = per_pair_infonce(pair_logits(image, text, self.model.logit_scale))
         rows = self.memory_rows(batch)
@@ -229,17 +229,16 @@ class NPC(_NPCBase):
         half = len(rows) // 2
         weight = confidence_weight(before[:half], after[:half], before[half:], after[half:])
         weighted, memory_loss = (weight * pair_loss).mean(), memory[:half].mean() + memory[half:].mean()
-        return {"loss": weighted + memory_loss, "weighted": weighted.detach(), "memory": memory_loss.detach(),
-                "weight": weight.mean()}
+        return StepOutput({"weighted": weighted, "memory": memory_loss}, {"weight": weight.mean().detach()})
 
 
 class NPCOfficial(_NPCBase):
-    """``npc-official``: the official code's step (npc.md §4.3, §4.6 npc_official), fused (§8). The weight multiplies
-    the batch-mean loss (D1 OF), the memory loss is a logged constant (D2 OF), the siamese AdamW sees 4 x the
-    gradient of the batch loss as the official double backward of the two-direction sum gives (D3 OF), the bank
-    keeps its norms (D9 OF); clipping at 10 on A only (D6).
+    """``npc-official``: the official code's step (docs/methods/npc-official.md), fused (docs/methods/npc.md#fused-step). The weight multiplies
+    the batch-mean loss (docs/methods/npc.md#npc-1), the memory loss is a logged constant (docs/methods/npc.md#npc-2), the siamese AdamW sees 4 x the
+    gradient of the batch loss as the official double backward of the two-direction sum gives (docs/methods/npc.md#npc-3), the bank
+    keeps its norms (docs/methods/npc.md#npc-9); clipping at 10 on A only (docs/methods/npc.md#npc-6).
 
-    Learning rate: the official NPC lr is 2e-7 against 5e-7 for its CLIP baseline (§7, D14); the harness lr is the
+    Learning rate: the official NPC lr is 2e-7 against 5e-7 for its CLIP baseline (docs/methods/npc-official.md#learning-rate, docs/methods/npc.md#npc-14); the harness lr is the
     embedded ``clip`` lr, so the default here is 2/5 of it, for both optimisers as in the official code.
 
     Per step: one forward and one backward of the batch (``.grad`` = g); the memory images and captions not in the
@@ -253,7 +252,7 @@ class NPCOfficial(_NPCBase):
     computes_gradients = True
     run_defaults: ClassVar[dict] = {"grad_clip": 10.0, "lr": RunConfig.lr * 2 / 5}
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         image, text = self.model(batch.images, batch.tokens)[:2]
         loss = per_pair_infonce(pair_logits(image, text, self.model.logit_scale)).mean()
         loss.backward()
@@ -266,5 +265,5 @@ class NPCOfficial(_NPCBase):
             for w in self.weights:
                 w.grad.mul_(weight)
         memory_loss = before[:half].mean() + before[half:].mean()
-        return {"loss": memory_loss + weight * loss.detach(), "clip": loss.detach(), "memory": memory_loss,
-                "weight": weight}
+        return StepOutput({"memory": memory_loss, "weighted": weight * loss.detach()},
+                          {"clip": loss.detach(), "weight": weight})

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ncbench.atomic import atomic_write
 from ncbench.errors import UserError
 
 _ARRAY = "__ncbench_ndarray__"
@@ -48,12 +49,8 @@ def from_plain(value: Any) -> Any:
 
 def save(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(to_plain(state), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    plain = to_plain(state)
+    atomic_write(path, lambda tmp: torch.save(plain, tmp))
 
 
 def load(path: Path) -> dict | None:

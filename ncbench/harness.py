@@ -3,30 +3,68 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ncbench import checkpoint, distributed, evaluate
+from ncbench import checkpoint, distributed, evaluate, export, lock, tracking
 from ncbench.backbone import input_size, load_backbone, weights_source
-from ncbench.config import RunConfig, check_clean_fraction
+from ncbench.config import RunConfig, RunOptions, check_clean_fraction
 from ncbench.data import ImageNormalizer, Pairs, Split
 from ncbench.device import autocast_for, select_device
 from ncbench.errors import UserError
-from ncbench.method import Batch, Context, Method, TrainSet
+from ncbench.method import Batch, BatchIndex, Context, Method, StepBatch, StepOutput, TrainSet
 from ncbench.noise import NoisyPairing, obtain
-from ncbench.optim import adamw, set_lr, warmup_cosine
-from ncbench.progress import progress_bar
+from ncbench.optim import set_lr, warmup_cosine
+from ncbench.progress import plain_line, progress_bar
 from ncbench.registry import DATASETS, METHODS
-from ncbench.results import CHECKPOINT, RECORD, SCHEMA_VERSION, environment, load_record, write_json_atomic
+from ncbench.results import CHECKPOINT, RECORD, RunRecord, environment, load_record, write_json_atomic, write_ranks
 from ncbench.seeding import derive_seed, seed_everything
 
+PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one reads the loss off the device)
 
-def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict | None:
+
+@dataclass
+class Prepared:
+    """Everything a run trains and evaluates with, built once per process."""
+
+    cfg: RunConfig
+    pairs: Pairs
+    clean: Split | None
+    noise: NoisyPairing
+    method: Method
+    ctx: Context
+    tokens: dict[str, torch.Tensor]  # tokenised captions of the dev and test splits
+    world: distributed.World
+    timing: dict[str, float]
+
+    def embed(self, split: str, models: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+        data = getattr(self.pairs, split)
+        return evaluate.embed(models, data.images, self.tokens[split], self.ctx.train.normalize, self.ctx.autocast)
+
+    def dev_metrics(self, models: list[torch.nn.Module]) -> dict[str, float]:
+        img, txt = self.embed("dev", models)
+        return evaluate.evaluate_protocol("1k", img, txt, torch.from_numpy(self.pairs.dev.caption_image))
+
+    def test_metrics(self, models: list[torch.nn.Module]) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+        """Metrics per test protocol, and the per-query ranks behind them (``"<protocol>.i2t"``, ``".t2i"``)."""
+        img, txt = self.embed("test", models)
+        caption_image = torch.from_numpy(self.pairs.test.caption_image)
+        metrics, ranks = {}, {}
+        for protocol in self.pairs.test_protocols:
+            metrics[protocol], ranks[f"{protocol}.i2t"], ranks[f"{protocol}.t2i"] = \
+                evaluate.evaluate_protocol_with_ranks(protocol, img, txt, caption_image)
+        return metrics, ranks
+
+
+def run(cfg: RunConfig, out_root: Path, cache_dir: Path, options: RunOptions = RunOptions()) -> dict | None:
     """Run ``cfg`` (resuming from its checkpoint if one exists) and return its record; a done run is not rerun.
+    ``options`` choose a tracker for the losses and metrics and whether the selected model is kept.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process trains its slice of each global batch and only rank 0
     evaluates, writes the checkpoints and the record; the other ranks return None.
@@ -36,150 +74,241 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path) -> dict | None:
     if done is not None and done.get("status") == "complete":
         return done
     world = distributed.world()
-    distributed.check_run(METHODS.get(cfg.method), cfg.batch_size, world)
-    dataset_cls = DATASETS.get(cfg.dataset)
-    data_root = Path(cfg.data_root) if cfg.data_root else None
-    dataset_cls.check_run(data_root, cfg.noise)  # before anything is written
-    resolution = input_size(cfg.model)
+    check(cfg, world)
+    tracking.check_tracker(options.log)
+    with lock.hold(run_dir, enabled=world.is_main):  # a second process on the same run stops here
+        done = load_record(run_dir)  # it may have finished while this process waited
+        if done is not None and done.get("status") == "complete":
+            return done
+        prep = prepare(cfg, cache_dir, world)
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused configuration leaves no folder behind
+        state = start_or_resume(prep, run_dir / CHECKPOINT)
+        steps_done = sum(e["steps"] for e in state["history"])
+        with tracking.open_tracker(options.log if world.is_main else None, run_dir, cfg.identity(),
+                                   resumed_steps=steps_done) as tracker:
+            for epoch in range(state["epoch"], cfg.epochs):
+                entry = train_epoch(prep, epoch, tracker, steps_done)
+                steps_done += entry["steps"]
+                if world.is_main:
+                    end_epoch(prep, state, entry)
+                    tracker.epoch(entry["epoch"], {k: entry[k] for k in ("losses", "report", "dev", "detection")
+                                                   if k in entry})
+                    _save_checkpoint(run_dir / CHECKPOINT, state, prep)
+            if not world.is_main:
+                return None
+            record = finish(prep, state, run_dir, options.keep_model)
+            tracker.finish(record["test"])
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+        return record
+
+
+def check(cfg: RunConfig, world: distributed.World) -> None:
+    """Refuse, before anything is loaded or written, what cannot run: the method under this world size, the
+    dataset's files, missing pretrained weights."""
+    method_cls = METHODS.get(cfg.method)
+    distributed.check_run(method_cls, cfg.batch_size, world)
+    check_clean_fraction(method_cls, cfg.clean_fraction)
+    DATASETS.get(cfg.dataset).check_run(Path(cfg.data_root) if cfg.data_root else None, cfg.noise)
     weights_source(cfg.model, cfg.pretrained)  # missing weights fail before hours of image decoding
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare(cfg: RunConfig, cache_dir: Path, world: distributed.World) -> Prepared:
+    """Data, clean subset, noise and backbone (rank 0 builds the caches first), then the models, the context and
+    the method, set up."""
     timing: dict[str, float] = {}
     clock = time.perf_counter()
-
     method_cls = METHODS.get(cfg.method)
-    method: Method = method_cls(method_cls.Params(**cfg.params))
-    check_clean_fraction(method_cls, cfg.clean_fraction)
-    with distributed.main_first(world):  # rank 0 builds the caches the others then read
-        pairs: Pairs = dataset_cls().load(data_root, cache_dir, resolution)  # real images decoded at the model's size
+    with distributed.main_first(world):
+        pairs = DATASETS.get(cfg.dataset)().load(Path(cfg.data_root) if cfg.data_root else None, cache_dir,
+                                                 input_size(cfg.model))  # real images decoded at the model's size
         pairs, clean = carve_clean_subset(pairs, cfg.clean_fraction, cfg.seed)  # before the noise touches train
-        noise = _noise(cfg, pairs, cache_dir)
+        if cfg.batch_size > pairs.train.n_captions:
+            raise UserError(f"--batch-size {cfg.batch_size}: larger than the {pairs.train.n_captions} training pairs "
+                            f"of {cfg.dataset}; no step could be taken")
+        noise = obtain(pairs, cfg.noise_protocol, cfg.noise, cfg.seed, cache_dir, model=cfg.model,
+                       pretrained=cfg.pretrained)[0]
         timing["data_s"] = time.perf_counter() - clock
-
         clock = time.perf_counter()
         backbone = load_backbone(cfg.model, cfg.pretrained, cache_dir)
         timing["backbone_s"] = time.perf_counter() - clock
 
     seed_everything(derive_seed("run", cfg.seed))
     device = select_device()
-    autocast = autocast_for(device)
     normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
-    splits = {name: (getattr(pairs, name), backbone.tokenize(getattr(pairs, name).captions)) for name in ("train", "dev", "test")}
-    train = TrainSet(pairs.train.images, splits["train"][1], noise.assigned_image, normalize)
+    train = TrainSet(pairs.train.images, backbone.tokenize(pairs.train.captions), noise.assigned_image, normalize)
     clean_subset = None if clean is None else TrainSet(clean.images, backbone.tokenize(clean.captions),
                                                        clean.caption_image, normalize)
     models = distributed.wrap([copy.deepcopy(backbone.model).to(device).train() for _ in range(method_cls.num_models)],
                               world)
-    optimizers = [adamw(m.parameters(), cfg.lr, cfg.weight_decay) for m in models]
-    ctx = Context(models=models, train=train, clean_subset=clean_subset, device=device, autocast=autocast,
-                  rng=np.random.default_rng(derive_seed("method", cfg.seed)), seed=cfg.seed, epochs=cfg.epochs,
-                  batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                  make_optimizer=lambda params: adamw(params, cfg.lr, cfg.weight_decay), optimizers=optimizers)
-
-    def test_metrics(eval_models: list[torch.nn.Module]) -> dict[str, dict[str, float]]:
-        img, txt = evaluate.embed(eval_models, splits["test"][0].images, splits["test"][1], normalize, autocast)
-        caption_image = torch.from_numpy(splits["test"][0].caption_image)
-        return {p: evaluate.evaluate_protocol(p, img, txt, caption_image) for p in pairs.test_protocols}
-
-    def dev_metrics(eval_models: list[torch.nn.Module]) -> dict[str, float]:
-        img, txt = evaluate.embed(eval_models, splits["dev"][0].images, splits["dev"][1], normalize, autocast)
-        return evaluate.evaluate_protocol("1k", img, txt, torch.from_numpy(splits["dev"][0].caption_image))
-
-    state = checkpoint.load(run_dir / CHECKPOINT)
+    ctx = Context.create(models, train, seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                         weight_decay=cfg.weight_decay, clean_subset=clean_subset, device=device,
+                         autocast=autocast_for(device))
+    method = method_cls(method_cls.Params(**cfg.params))
     method.setup(ctx)
+    tokens = {split: backbone.tokenize(getattr(pairs, split).captions) for split in ("dev", "test")}
+    return Prepared(cfg, pairs, clean, noise, method, ctx, tokens, world, timing)
+
+
+def start_or_resume(prep: Prepared, path: Path) -> dict:
+    """The loop state: from the run's checkpoint (models, optimisers, method, RNGs restored), or fresh with the
+    zero-shot test metrics. Setup timings add up over every process that worked on the run."""
+    state = checkpoint.load(path)
     if state is None:
         clock = time.perf_counter()
-        state = {"epoch": 0, "history": [], "best": None, "zero_shot": test_metrics(models[:1]) if world.is_main else None}
-        timing["zero_shot_eval_s"] = time.perf_counter() - clock
-    else:
-        for model, saved in zip(models, state["models"]):
-            model.load_state_dict(saved)
-        for optimizer, saved in zip(optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
-        method.load_state_dict(state["method"])
-        ctx.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
+        zero_shot = prep.test_metrics(prep.ctx.models[:1])[0] if prep.world.is_main else None
+        prep.timing["zero_shot_eval_s"] = time.perf_counter() - clock
+        return {"epoch": 0, "history": [], "best": None, "zero_shot": zero_shot, "timing": dict(prep.timing),
+                "resumes": 0}
+    ctx = prep.ctx
+    for model, saved in zip(ctx.models, state["models"]):
+        model.load_state_dict(saved)
+    for optimizer, saved in zip(ctx.optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    prep.method.load_state_dict(state["method"])
+    ctx.rng.bit_generator.state = state["rng"]
+    torch.set_rng_state(state["torch_rng"])
+    state["resumes"] = state.get("resumes", 0) + 1
+    state["timing"] = {k: state.get("timing", {}).get(k, 0.0) + prep.timing.get(k, 0.0)
+                       for k in {*state.get("timing", {}), *prep.timing}}
+    return state
 
-    warmup = cfg.warmup_steps / max(cfg.epochs * (len(train) // cfg.batch_size), 1)
-    for epoch in range(state["epoch"], cfg.epochs):
-        clock = time.perf_counter()
-        method.on_epoch_start(epoch)
-        batches = list(method.epoch_batches(epoch))
-        sums: dict[str, float] = {}
-        with progress_bar(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", len(batches)) as advance:
-            for i, index in enumerate(batches):
-                lr = cfg.lr * warmup_cosine((epoch + i / len(batches)) / cfg.epochs, warmup)
-                losses = train_step(method, train.batch(distributed.shard(index, world)), optimizers, lr, cfg.grad_clip)
-                for key, value in losses.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
-                advance(**{k: float(v.detach()) for k, v in losses.items()})
-        train_s = time.perf_counter() - clock
-        if not world.is_main:
-            continue
-        entry = {"epoch": epoch + 1, "steps": len(batches), "train_s": round(train_s, 2),
-                 "losses": {k: v / max(len(batches), 1) for k, v in sums.items()}}
-        scores = method.clean_scores()
-        if scores is not None and pairs.has_clean_mask:
-            entry["detection"] = evaluate.detection_metrics(np.asarray(scores), noise.clean, method.clean_threshold())
-        clock = time.perf_counter()
-        entry["dev"] = dev_metrics(method.eval_models())
-        entry["eval_s"] = round(time.perf_counter() - clock, 2)
-        state["history"].append(entry)
-        if cfg.selection == "last" or state["best"] is None or entry["dev"]["rsum"] >= state["best"]["dev_rsum"]:
-            state["best"] = {"epoch": epoch + 1, "dev_rsum": entry["dev"]["rsum"],
-                             "models": [_cpu_state(m) for m in method.eval_models()]}
-        state["epoch"] = epoch + 1
-        _save_checkpoint(run_dir / CHECKPOINT, state, models, optimizers, method, ctx)
-    if not world.is_main:
-        return None
 
+def train_epoch(prep: Prepared, epoch: int, tracker: tracking.Tracker, steps_before: int) -> dict:
+    """One epoch: the method's epoch hook and batches, a harness step per batch; the epoch's log entry. The
+    tracker gets the running loss and the lr every ``PROGRESS_EVERY`` steps (``steps_before``: earlier epochs)."""
+    cfg, method, ctx = prep.cfg, prep.method, prep.ctx
+    clock = time.perf_counter()
+    method.on_epoch_start(epoch)
+    batches = list(method.epoch_batches(epoch))
+    warmup = cfg.warmup_steps / max(cfg.epochs * (len(ctx.train) // cfg.batch_size), 1)
+    sums: dict[str, dict[str, torch.Tensor | float]] = {"losses": {}, "report": {}}
+    with progress_bar(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", len(batches)) as advance:
+        for i, index in enumerate(batches):
+            lr = cfg.lr * warmup_cosine((epoch + i / len(batches)) / cfg.epochs, warmup)
+            out = train_step(method, make_batch(ctx.train, index, prep.world), lr, cfg.grad_clip)
+            for kind, values in (("losses", _logged_losses(out)), ("report", out.report)):
+                for key, value in values.items():
+                    value = value.detach().double() if isinstance(value, torch.Tensor) else value
+                    sums[kind][key] = sums[kind].get(key, 0.0) + value
+            if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == len(batches):
+                loss = float(sums["losses"]["loss"]) / (i + 1)
+                tracker.step(steps_before + i + 1, {"loss": loss, "lr": lr})
+                advance(loss=loss)
+            else:
+                advance()
+    steps = max(len(batches), 1)
+    return {"epoch": epoch + 1, "steps": len(batches), "train_s": round(time.perf_counter() - clock, 2),
+            **{kind: {k: float(v) / steps for k, v in values.items()} for kind, values in sums.items()}}
+
+
+def make_batch(train: TrainSet, index: BatchIndex, world: distributed.World) -> StepBatch:
+    """The step's model inputs: this process's slice of the batch, or of each named batch."""
+    if isinstance(index, np.ndarray):
+        return train.batch(distributed.shard(index, world))
+    return {name: train.batch(distributed.shard(part, world)) for name, part in index.items()}
+
+
+def train_step(method: Method, batch: StepBatch, lr: float, grad_clip: float) -> StepOutput:
+    """One optimisation step of ``method.ctx.models``: set ``lr``, zero the gradients, run the method's step under
+    autocast, back-propagate the sum of its losses unless the method ``computes_gradients``, clip each model to
+    ``grad_clip`` (0: off), step its AdamW, then the method's ``on_step_end``."""
+    ctx = method.ctx
+    ctx.current_lr = lr
+    for optimizer in ctx.optimizers:
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        out = StepOutput.of(method.training_step(batch))
+    if not method.computes_gradients:
+        out.total().backward()
+    for model, optimizer in zip(ctx.models, ctx.optimizers):
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    method.on_step_end()
+    return out
+
+
+def _logged_losses(out: StepOutput) -> dict[str, torch.Tensor]:
+    """The step's losses as logged: each named term and their sum as ``"loss"``."""
+    if "loss" in out.losses and len(out.losses) > 1:
+        raise ValueError("training_step: the loss name 'loss' is the harness's total; name the terms otherwise")
+    return {**out.losses, "loss": out.total()}
+
+
+def end_epoch(prep: Prepared, state: dict, entry: dict) -> None:
+    """Detection metrics of the method's clean scores, dev metrics, model selection; appended to ``state``."""
+    method, cfg = prep.method, prep.cfg
+    scores = method.clean_scores()
+    if scores is not None and prep.pairs.has_clean_mask:
+        entry["detection"] = evaluate.detection_metrics(np.asarray(scores), prep.noise.clean, method.clean_threshold())
+    clock = time.perf_counter()
+    entry["dev"] = prep.dev_metrics(method.eval_models())
+    entry["eval_s"] = round(time.perf_counter() - clock, 2)
+    state["history"].append(entry)
+    if cfg.selection == "last" or state["best"] is None or entry["dev"]["rsum"] >= state["best"]["dev_rsum"]:
+        state["best"] = {"epoch": entry["epoch"], "dev_rsum": entry["dev"]["rsum"],
+                         "models": [_cpu_state(m) for m in method.eval_models()]}
+    state["epoch"] = entry["epoch"]
+    elapsed = sum(e["train_s"] + e["eval_s"] for e in state["history"])
+    plain_line(f"{cfg.method} epoch {entry['epoch']}/{cfg.epochs}: train loss {entry['losses'].get('loss', math.nan):.4f}, "
+               f"dev rSum {entry['dev']['rsum']:.1f}, {entry['train_s'] + entry['eval_s']:.0f} s (elapsed {elapsed:.0f} s)")
+
+
+def finish(prep: Prepared, state: dict, run_dir: Path, keep_model: bool = False) -> dict:
+    """Test the selected models, write the per-query ranks (and the models when ``keep_model``), then the record
+    (atomically, last)."""
+    cfg, method, pairs, noise, world = prep.cfg, prep.method, prep.pairs, prep.noise, prep.world
     clock = time.perf_counter()
     eval_models = method.eval_models()
     for model, saved in zip(eval_models, state["best"]["models"]):
         model.load_state_dict(saved)
-    test = test_metrics(eval_models)
-    timing["test_eval_s"] = time.perf_counter() - clock
-    timing["train_s"] = sum(e["train_s"] for e in state["history"])
-    timing["dev_eval_s"] = sum(e["eval_s"] for e in state["history"])
-    record = {
-        "schema": SCHEMA_VERSION,
-        "run_id": cfg.run_id,
-        "status": "complete",
-        "config": cfg.identity(),
-        "method": {"name": method_cls.name, "version": method_cls.version, "uses_clean_subset": method_cls.uses_clean_subset,
-                   "num_models": method_cls.num_models, "evaluated_models": len(eval_models),
-                   "clean_subset_pairs": clean.n_captions if clean else 0, "clean_subset_images": clean.n_images if clean else 0},
-        "dataset": {"name": pairs.name, "train_pairs": len(train), "test_protocols": list(pairs.test_protocols),
-                    "has_clean_mask": pairs.has_clean_mask, "meta": pairs.meta},
-        "noise": {"protocol": noise.protocol, "ratio": noise.ratio, "realised_ratio": noise.realised_ratio,
-                  "digest": noise.digest},
-        "selection": {"rule": cfg.selection, "epoch": state["best"]["epoch"]},
-        "distributed": {"world_size": world.size, "backend": world.backend, "global_batch": cfg.batch_size,
-                        "batch_per_process": cfg.batch_size // world.size},
-        "zero_shot": state["zero_shot"],
-        "test": test,
-        "epochs": state["history"],
-        "timing": {k: round(v, 2) for k, v in timing.items()},
-        "peak_memory_mb": _peak_memory_mb(device),
-        "environment": environment(),
-    }
+    test, ranks = prep.test_metrics(eval_models)
+    timing = {**state["timing"], "test_eval_s": time.perf_counter() - clock,
+              "train_s": sum(e["train_s"] for e in state["history"]),
+              "dev_eval_s": sum(e["eval_s"] for e in state["history"])}
+    method_cls = type(method)
+    record = RunRecord(
+        run_id=cfg.run_id,
+        config=cfg.identity(),
+        method={"name": method_cls.name, "version": method_cls.version, "uses_clean_subset": method_cls.uses_clean_subset,
+                "num_models": method_cls.num_models, "evaluated_models": len(eval_models),
+                "clean_subset_pairs": prep.clean.n_captions if prep.clean else 0,
+                "clean_subset_images": prep.clean.n_images if prep.clean else 0},
+        dataset={"name": pairs.name, "train_pairs": len(prep.ctx.train), "test_protocols": list(pairs.test_protocols),
+                 "has_clean_mask": pairs.has_clean_mask, "meta": pairs.meta},
+        noise={"protocol": noise.protocol, "ratio": noise.ratio, "realised_ratio": noise.realised_ratio,
+               "digest": noise.digest},
+        selection={"rule": cfg.selection, "epoch": state["best"]["epoch"]},
+        distributed={"world_size": world.size, "backend": world.backend, "global_batch": cfg.batch_size,
+                     "batch_per_process": cfg.batch_size // world.size},
+        zero_shot=state["zero_shot"],
+        test=test,
+        epochs=state["history"],
+        timing={k: round(v, 2) for k, v in timing.items()},
+        resumes=state["resumes"],
+        peak_memory_mb=_peak_memory_mb(prep.ctx.device),
+        environment=environment(),
+        ranks_file=write_ranks(run_dir, ranks),
+        model_file=export.save_run_model(run_dir, eval_models, cfg.model) if keep_model else None,
+    ).to_dict()
     write_json_atomic(run_dir / RECORD, record)
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return record
 
 
-CLEAN_SUBSET_BOUNDS = (1_000, 10_000)  # mscn.md §7.5 meta_frac: clean pairs, before the 10 % cap below
+CLEAN_SUBSET_BOUNDS = (1_000, 10_000)  # docs/methods/mscn.md#meta-data: clean pairs, before the 10 % cap below
 CLEAN_SUBSET_MAX_SHARE = 0.1  # the lower bound never takes more than this share of a small training split
 
 
 def clean_subset_size(n_pairs: int, fraction: float) -> int:
-    """Clean pairs to carve: ``fraction`` of the training pairs clipped to [1,000, 10,000] (mscn.md §7.5, §7.6),
+    """Clean pairs to carve: ``fraction`` of the training pairs clipped to [1,000, 10,000] (docs/methods/mscn.md#meta-data),
     the lower bound capped at 10 % of the pairs so that a small split (synthetic-mini) keeps most of its data."""
     low, high = CLEAN_SUBSET_BOUNDS
     return int(min(max(round(fraction * n_pairs), min(low, int(CLEAN_SUBSET_MAX_SHARE * n_pairs))), high))
 
 
 def carve_clean_subset(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Split | None]:
-    """Move whole training images, with all their captions, out of ``pairs.train`` into a clean split (mscn.md §7.6).
+    """Move whole training images, with all their captions, out of ``pairs.train`` into a clean split (docs/methods/mscn.md#meta-data).
 
     Images are taken in an order seeded by (dataset, seed), so smaller fractions are prefixes of larger ones,
     until :func:`clean_subset_size` captions are reached. The clean split holds a copy of its images with captions
@@ -205,37 +334,14 @@ def carve_clean_subset(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs,
     return dataclasses.replace(pairs, train=rest), clean
 
 
-def train_step(method: Method, batch: Batch, optimizers: list[torch.optim.Optimizer], lr: float,
-               grad_clip: float) -> dict[str, torch.Tensor]:
-    """One optimisation step of ``method.ctx.models``: set ``lr``, zero the gradients, run the method's step under
-    autocast, back-propagate ``"loss"`` unless the method ``computes_gradients``, clip each model to ``grad_clip``
-    (0: off) and step its AdamW. Returns the method's named losses."""
-    for optimizer in optimizers:
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-    with method.ctx.autocast():
-        losses = method.training_step(batch)
-    if not method.computes_gradients:
-        losses["loss"].backward()
-    for model, optimizer in zip(method.ctx.models, optimizers):
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-    return losses
-
-
-def _noise(cfg: RunConfig, pairs: Pairs, cache_dir: Path) -> NoisyPairing:
-    """The run's noise: the shared artefact of (dataset, split, protocol, ratio, seed) in the cache, made once."""
-    return obtain(pairs, cfg.noise_protocol, cfg.noise, cfg.seed, cache_dir, model=cfg.model, pretrained=cfg.pretrained)[0]
-
-
 def _cpu_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _save_checkpoint(path: Path, state: dict, models, optimizers, method: Method, ctx: Context) -> None:
-    checkpoint.save(path, {**state, "models": [_cpu_state(m) for m in models],
-                           "optimizers": [o.state_dict() for o in optimizers], "method": method.state_dict(),
+def _save_checkpoint(path: Path, state: dict, prep: Prepared) -> None:
+    ctx = prep.ctx
+    checkpoint.save(path, {**state, "models": [_cpu_state(m) for m in ctx.models],
+                           "optimizers": [o.state_dict() for o in ctx.optimizers], "method": prep.method.state_dict(),
                            "rng": ctx.rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
 
 

@@ -1,16 +1,17 @@
 """The method contract: what a noisy-correspondence method implements and what the harness gives it.
 
-The harness owns data, loops, optimisers of the trained models, evaluation and files. A method
-owns its math: it receives a :class:`Context` in :meth:`Method.setup`, may choose which pairs an
-epoch visits, returns named losses from :meth:`Method.training_step` (the harness back-propagates
-``"loss"``, clips and steps), and may score each training pair's chance of being clean.
+The harness owns data, loops, optimisers of the trained models, evaluation and files. A method owns its math:
+it receives a :class:`Context` in :meth:`Method.setup`, may choose which pairs an epoch visits (one batch per
+step, or named batches such as one per model), returns its losses from :meth:`Method.training_step` (the
+harness back-propagates their sum, clips and steps), and may score each training pair's chance of being clean.
+docs/writing-a-method.md walks through it.
 """
 from __future__ import annotations
 
 import dataclasses
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Union
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from ncbench.data import ImageNormalizer
 from ncbench.errors import UserError
 from ncbench.evaluate import embed
 from ncbench.losses import pair_logits, per_pair_infonce
+from ncbench.optim import ADAM_EPS, adamw
+from ncbench.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,30 @@ class TrainSet:
 
 
 @dataclass
+class StepOutput:
+    """What :meth:`Method.training_step` returns: losses, whose sum the harness back-propagates, apart from
+    values that are only logged (weights, counts, accuracies)."""
+
+    losses: dict[str, Tensor]
+    report: dict[str, Tensor | float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: Union[Tensor, "StepOutput"]) -> "StepOutput":
+        """A bare loss tensor is the single loss ``"loss"``."""
+        return value if isinstance(value, StepOutput) else cls({"loss": value})
+
+    def total(self) -> Tensor:
+        """The sum of the losses."""
+        return sum(self.losses.values())
+
+
+BatchIndex = Union[np.ndarray, Mapping[str, np.ndarray]]  # what epoch_batches yields per step
+StepBatch = Union[Batch, dict[str, Batch]]  # what training_step receives
+
+
+@dataclass
 class Context:
-    """What the harness hands a method in :meth:`Method.setup`."""
+    """What the harness hands a method in :meth:`Method.setup`. Build one with :meth:`Context.create`."""
 
     models: list[nn.Module]  # ``num_models`` fresh copies of the pretrained backbone, trained by the harness
     train: TrainSet  # the noisy training set
@@ -67,21 +92,49 @@ class Context:
     seed: int
     epochs: int
     batch_size: int
-    lr: float
+    lr: float  # the peak learning rate of the schedule
     weight_decay: float
-    make_optimizer: Callable[[Any], torch.optim.Optimizer]  # the harness's AdamW, for auxiliary models
-    # the harness's optimizers of ``models`` (current lr and moments are readable; the harness steps them)
-    optimizers: list[torch.optim.Optimizer] = dataclasses.field(default_factory=list)
+    optimizers: list[torch.optim.Optimizer]  # harness-owned AdamW of each model; methods use the helpers below
+    current_lr: float = 0.0  # the scheduled learning rate of the current step (set by the harness before it)
+    adam_eps: float = ADAM_EPS  # the eps of every AdamW the harness makes
+
+    @classmethod
+    def create(cls, models: list[nn.Module], train: TrainSet, *, seed: int, epochs: int, batch_size: int, lr: float,
+               weight_decay: float, clean_subset: TrainSet | None = None, device: torch.device | None = None,
+               autocast: Callable[[], AbstractContextManager] = nullcontext) -> "Context":
+        """A context with one harness AdamW per model and the method RNG derived from ``seed``."""
+        return cls(models=models, train=train, clean_subset=clean_subset, device=device or torch.device("cpu"),
+                   autocast=autocast, rng=np.random.default_rng(derive_seed("method", seed)), seed=seed,
+                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                   optimizers=[adamw(m.parameters(), lr, weight_decay) for m in models], current_lr=lr)
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The harness's AdamW (same betas, eps and weight decay), for a method's auxiliary parameters."""
+        return adamw(params, self.lr, self.weight_decay)
+
+    def second_moment(self, param: Tensor) -> Tensor | None:
+        """The bias-corrected second moment v̂ that the harness's AdamW holds for ``param`` (detached), or None
+        before its first step."""
+        for optimizer in self.optimizers:
+            state = optimizer.state.get(param)
+            if state:
+                beta2 = optimizer.param_groups[0]["betas"][1]
+                return state["exp_avg_sq"].detach() / (1 - beta2 ** float(state["step"]))
+        return None
+
+    def encode(self, model: nn.Module, pairs: TrainSet, unit: bool = True) -> tuple[Tensor, Tensor]:
+        """Embeddings of every image of ``pairs`` (once each) and every caption, in eval mode; L2-normalised
+        unless ``unit`` is False."""
+        return embed([model], pairs.images, pairs.tokens, pairs.normalize, self.autocast, unit=unit)
 
     def encode_train(self, model: nn.Module, unit: bool = True) -> tuple[Tensor, Tensor]:
-        """Embeddings of every training image (once each) and every caption, in eval mode; L2-normalised unless
-        ``unit`` is False."""
-        return embed([model], self.train.images, self.train.tokens, self.train.normalize, self.autocast, unit=unit)
+        """:meth:`encode` of the training set."""
+        return self.encode(model, self.train, unit)
 
     @torch.no_grad()
     def per_pair_loss(self, model: nn.Module, batch_size: int | None = None, seed: int = 0,
                       embeddings: tuple[Tensor, Tensor] | None = None) -> np.ndarray:
-        """Per-pair symmetric InfoNCE of every training pair inside seeded random batches (baselines.md §2.3).
+        """Per-pair symmetric InfoNCE of every training pair inside seeded random batches (docs/methods/gmm-filter.md).
 
         Images and captions are encoded once (or ``embeddings``, the L2-normalised :meth:`encode_train` output, are
         used); the loss of pair ``p`` uses the in-batch negatives of the random batch ``p`` falls in, with the
@@ -131,13 +184,20 @@ class Method:
     def on_epoch_start(self, epoch: int) -> None:
         """Per-epoch work: mixture fits, memory banks, purification."""
 
-    def epoch_batches(self, epoch: int) -> Iterator[np.ndarray]:
-        """Pair indices of each batch this epoch; default: every pair once, shuffled, last partial batch dropped."""
+    def epoch_batches(self, epoch: int) -> Iterator[BatchIndex]:
+        """Pair indices of each step's batch this epoch, or a mapping ``name -> pair indices`` when a step takes
+        several batches (one per model, labeled and unlabeled, ...; an empty one may be left out). Default: every
+        pair once, shuffled, last partial batch dropped."""
         return shuffled_batches(self.ctx.rng, len(self.ctx.train), self.ctx.batch_size)
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
-        """Return named losses; ``"loss"`` is back-propagated by the harness, the rest are logged."""
+    def training_step(self, batch: StepBatch) -> Tensor | StepOutput:
+        """The step's loss, or a :class:`StepOutput` of named losses (the harness back-propagates their sum) and
+        logged values. ``batch`` is a :class:`Batch`, or ``name -> Batch`` when :meth:`epoch_batches` yields
+        mappings. A method that ``computes_gradients`` fills ``.grad`` itself and returns its losses detached."""
         raise NotImplementedError
+
+    def on_step_end(self) -> None:
+        """After every optimiser step (mean teachers, EMA weights, step counters)."""
 
     def clean_scores(self) -> np.ndarray | None:
         """Per training pair, the method's probability that the pair is clean (None if it has none)."""

@@ -7,10 +7,13 @@ from typing import Iterable
 import torch
 
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.98), 1e-6
+
+
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW as CLIP fine-tuning uses it: betas (0.9, 0.98), eps 1e-6, one group (npc.md §3, §9); the fused
+    """AdamW as CLIP fine-tuning uses it: betas (0.9, 0.98), eps 1e-6, one group (docs/methods/clip.md#official-recipe); the fused
     implementation, about 5 % of a CPU step faster than the for-each one (benchmarks/train_step.py)."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay, fused=True)
 
 
 def warmup_cosine(progress: float, warmup: float) -> float:

@@ -13,17 +13,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import CLIP_RUN, RUN_FLAGS
 from torch import nn
 
 from ncbench import distributed
 from ncbench.errors import UserError
+from ncbench.lock import LOCKS
 from ncbench.losses import infonce, pair_logits
 from ncbench.registry import METHODS
 from ncbench.results import RECORD
 
-CACHE = os.environ["NCBENCH_CACHE"]
-RUN = ["--dataset", "synthetic-mini", "--epochs", "1", "--noise", "0.4", "--lr", "2e-3", "--batch-size", "128",
-       "--cache-dir", CACHE]
 LOSS_RTOL = 1e-4  # float32 summation order only (halves of the batch, gradients all-reduced): measured ~1e-8
 RSUM_TOL = 1.0  # a recall flips only when two similarities within ~1e-6 swap; 1.0 is two such flips
 
@@ -87,12 +86,13 @@ def _record(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_two_processes_reproduce_one_with_the_same_global_batch(cli, tmp_path):
-    one = cli("run", *RUN, "--out", tmp_path / "one")
-    assert one.returncode == 0, one.stderr
-    two = _torchrun("run", *RUN, "--out", str(tmp_path / "two"))
+@pytest.mark.slow
+def test_two_processes_reproduce_one_with_the_same_global_batch(clip_run, tmp_path):
+    """torchrun's 2 processes against the session's 1-process run of the same configuration (a minute or more:
+    slow; the gathered gradient and the refusal below check the processes by default)."""
+    two = _torchrun(*CLIP_RUN, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr
-    a, b = _record(tmp_path / "one"), _record(tmp_path / "two")
+    a, b = _record(clip_run[0]), _record(tmp_path / "two")
     assert a["run_id"] == b["run_id"]  # the world size is how a run is computed, not what it is
     assert a["distributed"] == {"world_size": 1, "backend": None, "global_batch": 128, "batch_per_process": 128}
     assert b["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch": 128, "batch_per_process": 64}
@@ -104,15 +104,16 @@ def test_two_processes_reproduce_one_with_the_same_global_batch(cli, tmp_path):
         assert abs(b["test"]["1k"][key] - value) <= RSUM_TOL, key
     print(f"1 vs 2 processes: loss {a['epochs'][0]['losses']['loss']!r} vs {b['epochs'][0]['losses']['loss']!r}, "
           f"test rsum {a['test']['1k']['rsum']} vs {b['test']['1k']['rsum']}")
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [a["run_id"]]  # rank 1 wrote nothing of its own
+    runs = sorted(p.name for p in (tmp_path / "two").iterdir() if p.name != LOCKS)
+    assert runs == [a["run_id"]]  # rank 1 wrote nothing of its own
 
 
 def test_a_method_without_support_refuses_several_processes_in_one_line(tmp_path):
-    refused = _torchrun("run", "--method", "npc", *RUN, "--out", str(tmp_path))
+    refused = _torchrun("run", "--method", "npc", *RUN_FLAGS, "--out", str(tmp_path))
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode != 0
     assert errors == ["error: --method npc: does not support several processes (world size 2); run it as one process"]
-    assert not any(tmp_path.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name != LOCKS]  # no run folder
 
 
 def test_the_global_batch_must_split_evenly():

@@ -1,7 +1,6 @@
-"""MSCN-style meta-correction (mscn.md §7) and the harness's clean subset (§7.6)."""
+"""MSCN-style meta-correction (docs/methods/mscn.md) and the harness's clean subset (docs/methods/mscn.md#meta-data)."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,7 @@ from ncbench.method import Context
 from ncbench.methods.clip import CLIPFineTune
 from ncbench.methods.mscn import MSCN, MetaNet, MSCNParams, fit_beta, meta_bce, purify, virtual_projections
 from ncbench.registry import DATASETS
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from mscn_step import make_context  # noqa: E402
+from ncbench.testing import tiny_context
 
 MINI = ("--dataset", "synthetic-mini", "--epochs", "1")
 
@@ -48,7 +45,7 @@ def _tiny_problem(v_hat: bool):
 
 @pytest.mark.parametrize("adam", [True, False], ids=["adam-virtual-step", "sgd-virtual-step"])
 def test_meta_gradient_flows_through_the_virtual_step_and_matches_central_differences(adam):
-    """§7.8.2: autograd's d L_meta / d θ through P'(θ) equals central differences along random directions."""
+    """docs/methods/mscn.md#checks (2): autograd's d L_meta / d θ through P'(θ) equals central differences along random directions."""
     net, meta_loss = _tiny_problem(adam)
     params = list(net.parameters())
     full = torch.autograd.grad(meta_loss(), params)
@@ -73,8 +70,7 @@ def test_meta_gradient_flows_through_the_virtual_step_and_matches_central_differ
 # --- the method on a real tiny CLIP ------------------------------------------------------------------------------
 def _context(batch_size: int = 32) -> Context:
     """60 synthetic images (300 pairs, clean pairing), 6 of them carved out as the clean subset; random tiny CLIP."""
-    torch.manual_seed(0)
-    return make_context(60, batch_size, seed=0, epochs=2)
+    return tiny_context(MSCN, n_images=60, noise=0.0, batch_size=batch_size, epochs=2)
 
 
 def _meta_state(method: MSCN) -> torch.Tensor:
@@ -82,7 +78,7 @@ def _meta_state(method: MSCN) -> torch.Tensor:
 
 
 def test_warmup_loss_is_clip_loss_and_meta_step_leaves_clip_gradients_alone():
-    """§7.8.1: with w ≡ 1 the loss is CLIP's InfoNCE; the meta update writes no gradient into the CLIP model."""
+    """docs/methods/mscn.md#checks (1): with w ≡ 1 the loss is CLIP's InfoNCE; the meta update writes no gradient into the CLIP model."""
     ctx = _context()
     method = MSCN()
     method.setup(ctx)
@@ -90,14 +86,15 @@ def test_warmup_loss_is_clip_loss_and_meta_step_leaves_clip_gradients_alone():
     batch = ctx.train.batch(np.arange(32))
     model = ctx.models[0]
     before = _meta_state(method)
-    losses = method.training_step(batch)
+    out = method.training_step(batch)
     assert all(p.grad is None for p in model.parameters())
     assert not torch.equal(before, _meta_state(method))
+    assert set(out.losses) == {"loss"} and set(out.report) == {"meta_bce", "meta_acc"}
     image, text = model(batch.images, batch.tokens)[:2]
-    torch.testing.assert_close(losses["loss"], infonce(pair_logits(image, text, model.logit_scale)))
+    torch.testing.assert_close(out.losses["loss"], infonce(pair_logits(image, text, model.logit_scale)))
     clip = CLIPFineTune()
     clip.setup(ctx)
-    torch.testing.assert_close(losses["loss"], clip.training_step(batch)["loss"])
+    torch.testing.assert_close(out.losses["loss"], clip.training_step(batch))
 
 
 def test_main_stage_step_weights_pairs_and_uses_the_second_order_meta_gradient():
@@ -110,10 +107,11 @@ def test_main_stage_step_weights_pairs_and_uses_the_second_order_meta_gradient()
         assert method.clean_scores() is not None and len(method.clean_scores()) == len(ctx.train)
         assert method.keep.sum() >= 0.2 * len(ctx.train)
         batch = ctx.train.batch(next(iter(method.epoch_batches(0))))
-        losses = method.training_step(batch)
-        assert 0 < float(losses["weight"]) < 1 and torch.isfinite(losses["loss"])
+        out = method.training_step(batch)
+        assert set(out.report) == {"weight", "kept", "em_used", "meta_bce", "meta_acc"}
+        assert 0 < float(out.report["weight"]) < 1 and torch.isfinite(out.losses["loss"])
         assert all(p.grad is None for p in ctx.models[0].parameters())
-        losses["loss"].backward()
+        out.total().backward()
         assert all(p.grad is not None for p in method.proj)
         states[order] = _meta_state(method)
     assert not torch.allclose(states[2], states[1], rtol=0, atol=1e-9)
@@ -255,7 +253,7 @@ def test_runs_without_clean_data_keep_their_ids():
 
 
 def test_cli_rejects_clean_fraction_for_a_method_without_clean_data(cli, tmp_path):
-    proc = cli("run", "--method", "clip", "--clean-fraction", "0.05", *MINI, "--out", str(tmp_path))
+    proc = cli("run", "--method", "clip", "--clean-fraction", "0.05", *MINI, "--out", tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--clean-fraction 0.05: method clip does not use a clean subset" in " ".join(proc.stderr.split())
     assert not any(tmp_path.iterdir())
@@ -263,13 +261,14 @@ def test_cli_rejects_clean_fraction_for_a_method_without_clean_data(cli, tmp_pat
 
 @pytest.mark.slow
 def test_cli_mscn_run_writes_a_record_with_clean_subset_and_detection(cli, tmp_path):
-    proc = cli("run", "--method", "mscn", "--noise", "0.4", *MINI, "--param", "warmup_epochs=0", "--out", str(tmp_path))
+    proc = cli("run", "--method", "mscn", "--noise", "0.4", *MINI, "--param", "warmup_epochs=0", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (run_dir,) = tmp_path.iterdir()
-    record = json.loads((run_dir / "result.json").read_text())
+    (record_path,) = tmp_path.glob("*/result.json")
+    record = json.loads(record_path.read_text())
     assert record["status"] == "complete" and record["config"]["clean_fraction"] == 0.02
     assert record["method"]["uses_clean_subset"] and record["method"]["clean_subset_pairs"] == 200
     assert record["dataset"]["train_pairs"] == 1800
     (epoch,) = record["epochs"]
-    assert {"loss", "meta_bce", "meta_acc", "weight", "kept"} <= set(epoch["losses"])
+    assert set(epoch["losses"]) == {"loss"}
+    assert set(epoch["report"]) == {"meta_bce", "meta_acc", "weight", "kept", "em_used"}
     assert 0.2 <= epoch["detection"]["kept_frac"] <= 1

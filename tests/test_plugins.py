@@ -1,5 +1,9 @@
 """Plugins through the real ``ncbench`` command line: the example package installed with pip, the same code as
-``module:Class`` and as a ``--plugin`` file, and one warning or error line for each way a plugin can be broken."""
+``module:Class`` and as a ``--plugin`` file, and one warning or error line for each way a plugin can be broken.
+
+What registers code for the rest of a process (an installed package, a ``--plugin`` file, a ``module:Class``
+that shares a name with the example's file registered by the conformance tests) runs in a new ``ncbench``
+process; what only reads entry points off ``PYTHONPATH`` runs in this one."""
 import fcntl
 import json
 import re
@@ -10,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ncbench
+from conftest import invoke, ncbench
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ncbench-example-plugin"
@@ -75,36 +79,41 @@ def installed_example(tmp_path):
             _pip("uninstall", "-y", "ncbench-example-plugin")
 
 
-def test_installed_example_is_listed_and_runs(cli, installed_example, tmp_path):
-    listing = cli("list", "methods", env=WIDE)
+def test_installed_example_is_listed(installed_example):
+    listing = ncbench("list", "methods", env=WIDE)
     assert listing.returncode == 0 and not _lines(listing.stderr, "warning:"), listing.stderr
     row = _row(listing.stdout, "sce")
     assert "ncbench-example-plugin 0.1.0" in row and "Wang et al., ICCV 2019" in row
     assert "built-in" in _row(listing.stdout, "clip")
 
-    proc = cli("run", "--method", "sce", "--param", "beta=0.5", *MINI, "--out", tmp_path / "runs", timeout=RUN_TIMEOUT)
+
+@pytest.mark.slow
+def test_installed_example_runs(installed_example, tmp_path):
+    proc = ncbench("run", "--method", "sce", "--param", "beta=0.5", *MINI, "--out", tmp_path / "runs",
+                   timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     record = _record(tmp_path / "runs")
     assert record["status"] == "complete" and record["method"]["name"] == "sce"
     assert record["config"]["params"] == {"alpha": 1.0, "beta": 0.5, "log_zero": -4.0}
-    losses = record["epochs"][0]["losses"]
-    assert losses["loss"] == pytest.approx(losses["ce"] + 0.5 * losses["rce"], rel=1e-4)
-    assert 0 < losses["rce"] <= 4
+    losses = record["epochs"][0]["losses"]  # the weighted terms (alpha 1, beta 0.5) and their sum
+    assert losses["loss"] == pytest.approx(losses["ce"] + losses["rce"], rel=1e-4)
+    assert 0 < losses["rce"] <= 0.5 * 4  # beta * |log_zero| bounds the reverse cross entropy
 
 
-def test_example_is_found_as_module_class_without_installing(cli):
+def test_example_is_found_as_module_class_without_installing():
     """Its hyper-parameters resolve (a bad ``--param`` stops the run before training, naming the method and its real
     parameters); the ``--plugin`` file form is listed in ``test_broken_plugin_files_do_not_hide_the_others``."""
-    proc = cli("run", "--method", "ncbench_example_plugin.sce:SymmetricCE", "--param", "gamma=1", *MINI,
-               env={"PYTHONPATH": str(EXAMPLE / "src")})
+    proc = ncbench("run", "--method", "ncbench_example_plugin.sce:SymmetricCE", "--param", "gamma=1", *MINI,
+                   env={"PYTHONPATH": str(EXAMPLE / "src")})
     assert "--param gamma: unknown hyper-parameter of sce; available: alpha, beta, log_zero" in _one_error(proc)
 
 
 @pytest.mark.slow
-def test_module_class_and_plugin_file_run_the_same_method(cli, tmp_path):
-    by_module = cli("run", "--method", "ncbench_example_plugin.sce:SymmetricCE", *MINI, "--out", tmp_path / "a",
-                    env={"PYTHONPATH": str(EXAMPLE / "src")}, timeout=RUN_TIMEOUT)
-    by_file = cli("run", "--plugin", SCE_FILE, "--method", "sce", *MINI, "--out", tmp_path / "b", timeout=RUN_TIMEOUT)
+def test_module_class_and_plugin_file_run_the_same_method(tmp_path):
+    by_module = ncbench("run", "--method", "ncbench_example_plugin.sce:SymmetricCE", *MINI, "--out", tmp_path / "a",
+                        env={"PYTHONPATH": str(EXAMPLE / "src")}, timeout=RUN_TIMEOUT)
+    by_file = ncbench("run", "--plugin", SCE_FILE, "--method", "sce", *MINI, "--out", tmp_path / "b",
+                      timeout=RUN_TIMEOUT)
     assert by_module.returncode == 0, by_module.stderr
     assert by_file.returncode == 0, by_file.stderr
     a, b = _record(tmp_path / "a"), _record(tmp_path / "b")
@@ -230,16 +239,16 @@ def test_broken_plugin_files_do_not_hide_the_others(broken_files_listing):
 
 
 @pytest.mark.parametrize("name, method", [("ncb_import_error.py", "x"), ("ncb_no_step.py", "no-step")])
-def test_running_a_broken_plugin_file_is_one_error_line(cli, plugin_dir, tmp_path, name, method):
+def test_running_a_broken_plugin_file_is_one_error_line(plugin_dir, tmp_path, name, method):
     path = str(plugin_dir / name)
-    line = _one_error(cli("run", "--plugin", path, "--method", method, *MINI, "--out", tmp_path))
+    line = _one_error(ncbench("run", "--plugin", path, "--method", method, *MINI, "--out", tmp_path))
     assert path in line and line.partition(path)[2].startswith(FILE_PROBLEMS[name]), line
     assert not any(tmp_path.iterdir())
 
 
-def test_a_plugin_file_never_replaces_a_builtin(cli, plugin_dir):
+def test_a_plugin_file_never_replaces_a_builtin(plugin_dir):
     """The built-in ``clip`` wins: its hyper-parameters (none), not the plugin's (``fake``), are the ones known."""
-    proc = cli("run", "--plugin", plugin_dir / "ncb_shadows_clip.py", "--method", "clip", "--param", "fake=2", *MINI)
+    proc = ncbench("run", "--plugin", plugin_dir / "ncb_shadows_clip.py", "--method", "clip", "--param", "fake=2", *MINI)
     assert "unknown hyper-parameter of clip; available: none" in _one_error(proc)
     (warning,) = _lines(proc.stderr, "warning:")
     assert "ncb_shadows_clip.py:FakeClip) is ignored" in warning
@@ -409,7 +418,7 @@ def broken_site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broken_dist_listing(broken_site):
-    return ncbench("list", env={**WIDE, **broken_site})
+    return invoke("list", env={**WIDE, **broken_site})
 
 
 @pytest.mark.parametrize("name", EP_PROBLEMS)

@@ -1,7 +1,7 @@
 """Real-data adapters end to end on generated fixtures in each on-disk layout (datasets/README.md).
 
-Fixtures are real JPEG files drawn with PIL; runs use the real ``ncbench`` command line and the tiny
-``ncbench-tiny-bpe`` open_clip model (open_clip's BPE tokenizer, 64 px) with random weights saved to a file.
+Fixtures are real JPEG files drawn with PIL; runs use the real ``ncbench`` command line, in this process, and the
+tiny ``ncbench-tiny-bpe`` open_clip model (open_clip's BPE tokenizer, 64 px) with random weights saved to a file.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ncbench import cli as ncbench_cli
 from ncbench import config, evaluate
 from ncbench.data import ImageNormalizer, cached_images, decode_image
 from ncbench.errors import UserError
+from ncbench.lock import LOCKS
 from ncbench.presets import PRESETS, preset_values
 from ncbench.registry import DATASETS, METHODS
 
@@ -53,7 +54,7 @@ SPLIT_SIZES = {"train": 12, "dev": 4, "test": 4}  # images per split (5 captions
 
 
 def write_scan(root: Path, family: str) -> dict:
-    """NPC's SCAN-split layout: train ids one per image, dev/test ids one per caption (npc.md §1.2–1.3)."""
+    """NPC's SCAN-split layout: train ids one per image, dev/test ids one per caption (datasets/README.md#scan-split)."""
     ann = root / "annotations" / "scan_split"
     ann.mkdir(parents=True)
     names, k, truth = [], 0, {}
@@ -156,6 +157,11 @@ def run_args(dataset: str, root: Path, weights: Path, tmp: Path, *extra: str) ->
             "--epochs", "1", "--batch-size", "8", "--out", str(tmp / "runs"), "--cache-dir", str(tmp / "cache"), *extra]
 
 
+def run_folders(out: Path) -> list[Path]:
+    """What runs left in ``out`` besides the run locks."""
+    return [p for p in out.iterdir() if p.name != LOCKS]
+
+
 def one_error_line(capsys, args: list[str]) -> str:
     """Run the real CLI entry point in-process; it must exit 2 with exactly one line on stderr."""
     with pytest.raises(SystemExit) as exit_:
@@ -170,12 +176,11 @@ def one_error_line(capsys, args: list[str]) -> str:
 
 @pytest.mark.parametrize("dataset", [name if name in ("f30k", "coco", "cc152k") else  # one per family by default
                                      pytest.param(name, marks=pytest.mark.slow) for name in LAYOUTS])
-def test_run_end_to_end(cli, roots, weights, tmp_path, monkeypatch, dataset):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a tiny model: threads only contend on a shared CPU
+def test_run_end_to_end(cli, roots, weights, tmp_path, dataset):
     root, truth = roots[dataset]
     extra = ("--preset", "paper", "--lr", "1e-4") if dataset == "f30k" else ()
     noise = ("--noise", "0") if dataset.startswith("cc") else ("--noise", "0.4")
-    proc = cli(*run_args(dataset, root, weights, tmp_path, *noise, *extra), timeout=120)
+    proc = cli(*run_args(dataset, root, weights, tmp_path, *noise, *extra))
     assert proc.returncode == 0, proc.stderr
     (record_file,) = (tmp_path / "runs").glob("*/result.json")
     record = json.loads(record_file.read_text())
@@ -191,7 +196,7 @@ def test_run_end_to_end(cli, roots, weights, tmp_path, monkeypatch, dataset):
     if coco:
         assert "needs exactly 5000" in meta["skipped_protocols"]["coco-1k"]
     assert record["config"]["model"] == TINY and record["config"]["pretrained"] == str(weights)
-    if dataset == "f30k":  # the paper preset under explicit flags (npc.md §7), and the record keeps both
+    if dataset == "f30k":  # the paper preset under explicit flags (docs/methods/clip.md#paper-preset), and the record keeps both
         cfg = record["config"]
         assert cfg["preset"] == "paper"
         assert (cfg["weight_decay"], cfg["warmup_steps"], cfg["lr"], cfg["batch_size"]) == (0.2, 500, 1e-4, 8)
@@ -233,7 +238,7 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(roots, tmp_path):
 
 @pytest.mark.parametrize("mode,size", [("RGB", (500, 375)), ("L", (375, 500)), ("P", (120, 50))])
 def test_cached_pixels_match_open_clip_val_preprocessing(tmp_path, mode, size):
-    """Cache (uint8) -> the harness's normaliser equals open_clip's val transform of the file (npc.md §9)."""
+    """Cache (uint8) -> the harness's normaliser equals open_clip's val transform of the file (docs/methods/clip.md#clip-a5)."""
     path = tmp_path / ("x.png" if mode == "P" else "x.jpg")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     (image.quantize(64) if mode == "P" else image.convert(mode)).save(path)
@@ -252,7 +257,7 @@ def test_missing_image(roots, tmp_path, weights, capsys):
     (broken / "images").mkdir(parents=True)
     os.symlink(root / "annotations", broken / "annotations", target_is_directory=True)
     for f in truth["train"][0][1:]:
-        os.symlink(root / "images" / f, broken / "images" / f)
+        os.link(root / "images" / f, broken / "images" / f)
     line = one_error_line(capsys, run_args("cc120k", broken, weights, tmp_path, "--noise", "0"))
     assert "cc120k-train: 1 of 24 image files missing" in line and truth["train"][0][0] in line
 
@@ -284,27 +289,27 @@ def test_unknown_and_mismatched_layouts(roots, tmp_path, weights, capsys):
     assert f"--data-root {tmp_path / 'nowhere'}: no such folder" in line
     line = one_error_line(capsys, ["run", "--dataset", "f30k", "--out", str(tmp_path / "runs")])
     assert "--dataset f30k needs --data-root PATH" in line
-    assert not list((tmp_path / "runs").iterdir())  # refused before a run folder is made
+    assert not run_folders(tmp_path / "runs")  # refused before a run folder is made
 
 
 def test_real_noise_datasets_refuse_synthetic_noise(roots, tmp_path, weights, capsys):
     for dataset in ("cc120k", "cc152k"):
         line = one_error_line(capsys, run_args(dataset, roots[dataset][0], weights, tmp_path, "--noise", "0.2"))
         assert f"--noise 0.2: --dataset {dataset} has real, unlabelled noise; run it with --noise 0" in line
-    assert not list((tmp_path / "runs").iterdir())
+    assert not run_folders(tmp_path / "runs")
 
 
 def test_missing_or_wrong_weights(roots, tmp_path, capsys):
     root = roots["f30k"][0]
-    args = ["run", "--dataset", "f30k", "--data-root", str(root), "--model", TINY, "--out", str(tmp_path / "runs"),
-            "--cache-dir", str(tmp_path / "cache")]
+    args = ["run", "--dataset", "f30k", "--data-root", str(root), "--model", TINY, "--batch-size", "8",
+            "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
     line = one_error_line(capsys, [*args, "--pretrained", str(tmp_path / "nope.pt")])
     assert f"--pretrained: no such checkpoint file {tmp_path / 'nope.pt'}" in line
     line = one_error_line(capsys, args)  # the default, embedded, exists only for the compact-vocabulary model
     assert "--pretrained embedded: only ncbench-tiny have embedded weights" in line
     other = tmp_path / "other.pt"
     torch.save(open_clip.create_model("ncbench-tiny").state_dict(), other)
-    assert not list((tmp_path / "runs").iterdir())  # both refused before any data is read
+    assert not run_folders(tmp_path / "runs")  # both refused before any data is read
     line = one_error_line(capsys, [*args, "--pretrained", str(other)])
     assert f"--pretrained {other}: not a checkpoint of {TINY}" in line
 

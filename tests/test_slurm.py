@@ -1,6 +1,9 @@
 """The slurm launcher against a real single-node Slurm cluster started for these tests (tests/slurm_cluster.py):
 one job array for the runs without a record, status from the results folder and the queue, a cancelled array
-resubmitted for its missing runs only, and a preempted job requeued and resumed from its checkpoint."""
+resubmitted for its missing runs only, and a preempted job requeued and resumed from its checkpoint.
+
+The cluster tests need submitit (``pip install ncbench[slurm]``) and are slow (``-m slow``): starting the cluster,
+and installing Slurm with apt-get where it is absent, takes minutes. The launcher's option checks run without them."""
 import json
 import os
 import subprocess
@@ -24,6 +27,7 @@ SETTINGS = {"noise_protocol": None, "dataset": "synthetic-mini", "data_root": No
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A private Slurm cluster on this host (installed with apt-get if absent), stopped after the module."""
+    pytest.importorskip("submitit", reason="the slurm launcher needs submitit: pip install ncbench[slurm]")
     why = slurm_cluster.unavailable()
     if why:
         pytest.skip(why)
@@ -61,6 +65,7 @@ def _until(condition, timeout: float = 300, what: str = "") -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_cancelled_array_is_resubmitted_for_its_missing_runs_only(on_cluster, cli, capsys, tmp_path):
     """Three runs one at a time: after the first record the status reads done / running / queued; scancel ends the
     array (the waiting sweep reports two failed runs) and the same sweep again submits an array of those two only."""
@@ -84,7 +89,7 @@ def test_a_cancelled_array_is_resubmitted_for_its_missing_runs_only(on_cluster, 
     assert "1 done, 2 failed" in capsys.readouterr().out.splitlines()
     done = (out / jobs[0].run_id / RECORD).stat().st_mtime_ns
 
-    again = cli(*_sweep_args(out, "0,0.2,0.4", "--array-parallelism", "2"), env=on_cluster.env)
+    again = cli(*_sweep_args(out, "0,0.2,0.4", "--array-parallelism", "2"))
     assert again.returncode == 0, again.stderr
     assert "sweep of 3 runs: 1 already done, 2 ran (0 resumed from a checkpoint), 0 failed" in again.stdout
     resubmitted = slurm.submitted(out)
@@ -97,7 +102,7 @@ def test_a_cancelled_array_is_resubmitted_for_its_missing_runs_only(on_cluster, 
     assert [state for _, state in slurm.statuses(jobs, out)] == [sweep.State.DONE] * 3
 
 
-@pytest.mark.slow  # about 60 s alone; keeps the default suite within CI's 10 minutes (run with -m slow)
+@pytest.mark.slow
 def test_a_preempted_two_gpu_run_is_requeued_and_resumes_from_its_checkpoint(on_cluster, tmp_path):
     """A run on 2 (stand-in) GPUs is two DDP processes, the job's tasks. USR2 is the signal Slurm sends before a
     time limit or a preemption: submitit checkpoints the task and requeues the job, which resumes the run from the
@@ -123,6 +128,7 @@ def test_a_preempted_two_gpu_run_is_requeued_and_resumes_from_its_checkpoint(on_
     assert not checkpoint.exists()
 
 
+@pytest.mark.slow
 def test_a_run_still_in_the_queue_is_not_submitted_twice(on_cluster, capsys, tmp_path):
     """A run whose earlier job is still queued is followed, not resubmitted (two jobs would share one run folder)."""
     out = tmp_path / "runs"
@@ -156,6 +162,7 @@ def test_bad_launcher_options_are_one_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_sbatch_refusing_the_array_is_one_line(on_cluster, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(_sweep_args(tmp_path / "runs", "0.2", "--partition", "nope"))

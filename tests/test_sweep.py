@@ -14,6 +14,7 @@ import torch
 from ncbench import config, sweep
 from ncbench.cli import main
 from ncbench.errors import UserError
+from ncbench.lock import LOCKS
 from ncbench.registry import METHODS
 from ncbench.results import CHECKPOINT, RECORD
 
@@ -51,13 +52,15 @@ def test_grid_is_methods_by_noise_by_seeds_resolved_like_run():
     assert len({j.run_id for j in jobs}) == 8
 
 
-def test_a_job_command_names_the_same_run(tmp_path):
+def test_a_job_command_names_the_same_run(cli, tmp_path):
     """`ncbench run` with a job's arguments finds the record placed under the job's run id and trains nothing."""
     (job,) = sweep.expand(["clip"], [0.2], [3], _settings(dataset="synthetic-mini", epochs=1, lr=1e-4, batch_size=64))
     _place_record(tmp_path / job.run_id)
-    proc = subprocess.run(job.argv(tmp_path, Path(CACHE)), capture_output=True, text=True, timeout=300)
+    argv = job.argv(tmp_path, Path(CACHE))
+    assert argv[:3] == [sys.executable, "-m", "ncbench"]  # a worker process runs the command line
+    proc = cli(*argv[3:])
     assert proc.returncode == 0, proc.stderr
-    assert [p.name for p in tmp_path.iterdir()] == [job.run_id]
+    assert [p.name for p in tmp_path.iterdir() if p.name != LOCKS] == [job.run_id]
     assert job.run_id in proc.stdout.replace("\n", "")
 
 
@@ -148,9 +151,10 @@ def _records(out: Path) -> dict[str, tuple[int, dict]]:
 
 @pytest.mark.slow
 def test_sweep_with_workers_then_everything_is_skipped(cli, tmp_path):
-    """Two `ncbench run` workers with cores/2 torch threads each; the second sweep and a single run redo nothing."""
+    """Two `ncbench run` worker processes with cores/2 torch threads each; the second sweep and a single run redo
+    nothing."""
     out = tmp_path / "runs"
-    first = cli(*_sweep_args(out, "--methods", "clip", "--noise", "0,0.2", "--seeds", "0", "--jobs", "2"), timeout=1800)
+    first = cli(*_sweep_args(out, "--methods", "clip", "--noise", "0,0.2", "--seeds", "0", "--jobs", "2"))
     assert first.returncode == 0, first.stderr
     assert "sweep of 2 runs: 0 already done, 2 ran (0 resumed from a checkpoint), 0 failed" in first.stdout
     records = _records(out)
@@ -189,7 +193,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(cli, tmp_path):
 
     status = cli(*args, "--status")
     assert "incomplete" in status.stdout and job.run_id in status.stdout
-    resumed = cli(*args, timeout=1800)
+    resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert "sweep of 1 run: 0 already done, 1 ran (1 resumed from a checkpoint), 0 failed" in resumed.stdout
     record = json.loads((out / job.run_id / RECORD).read_text())

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from ncbench.losses import infonce, pair_logits
-from ncbench.method import Batch, Method
+from ncbench.method import Batch, Method, StepOutput
 
 
 @dataclass(frozen=True)
@@ -30,11 +28,11 @@ class SymmetricCE(Method):
     description = "symmetric cross entropy: InfoNCE + bounded reverse CE (Wang et al., ICCV 2019)"
     Params = SCEParams
 
-    def training_step(self, batch: Batch) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch) -> StepOutput:
         model = self.ctx.models[0]
         image, text = model(batch.images, batch.tokens)[:2]
         logits = pair_logits(image, text, model.logit_scale)
         ce = infonce(logits)
         partner = 0.5 * (logits.softmax(dim=1).diagonal() + logits.softmax(dim=0).diagonal())
         rce = (-self.params.log_zero * (1.0 - partner)).mean()
-        return {"loss": self.params.alpha * ce + self.params.beta * rce, "ce": ce, "rce": rce}
+        return StepOutput({"ce": self.params.alpha * ce, "rce": self.params.beta * rce})

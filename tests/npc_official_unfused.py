@@ -1,48 +1,21 @@
-"""The official NPC step, unfused (npc.md §4.3 as written), and a hand-built Context on a real synthetic split.
-
-Only the equality test (tests/test_npc.py) and the step benchmark (benchmarks/npc_step.py) use this module: it is
-the yardstick that ``npc-official``'s fused step must match, not part of the package.
-"""
+"""The official NPC step, unfused (docs/methods/npc.md#official-step, as written): the yardstick that ``npc-official``'s
+fused step must match (tests/test_npc.py), not part of the package; benchmarks/npc_step.py times it too."""
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncbench.backbone import load_backbone
-from ncbench.data import ImageNormalizer
 from ncbench.losses import pair_logits, per_pair_infonce
-from ncbench.method import Batch, Context, TrainSet
-from ncbench.noise import make_noise
+from ncbench.method import Batch, TrainSet
 from ncbench.optim import adamw, set_lr
-from ncbench.registry import DATASETS
-
-
-def build_context(cache_dir: Path, dataset: str = "synthetic-mini", noise: float = 0.4, seed: int = 0,
-                  batch_size: int = 64, lr: float = 2e-4, weight_decay: float = 0.1) -> Context:
-    """A CPU Context as the harness builds it: a randomly initialised ncbench-tiny (seeded), the dataset's training
-    split under caption-shuffle noise, the harness's AdamW for the model."""
-    torch.manual_seed(seed)
-    backbone = load_backbone("ncbench-tiny", "none", cache_dir)
-    pairs = DATASETS.get(dataset)().load(None, cache_dir)
-    pairing = make_noise("caption-shuffle", pairs.train.caption_image, noise, seed, pairs.name)
-    device = torch.device("cpu")
-    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
-    train = TrainSet(pairs.train.images, backbone.tokenize(pairs.train.captions), pairing.assigned_image, normalize)
-    model = backbone.model.train()
-    return Context(models=[model], train=train, clean_subset=None, device=device, autocast=nullcontext,
-                   rng=np.random.default_rng(seed), seed=seed, epochs=1, batch_size=batch_size, lr=lr,
-                   weight_decay=weight_decay, make_optimizer=lambda params: adamw(params, lr, weight_decay),
-                   optimizers=[adamw(model.parameters(), lr, weight_decay)])
 
 
 class UnfusedNPCOfficial:
-    """main_NPC.py's step with its own two models and two AdamWs (npc.md §4.3 lines 1-10): copy A into A', A''s
+    """main_NPC.py's step with its own two models and two AdamWs (docs/methods/npc.md#official-step, steps 1-10): copy A into A', A''s
     "before" memory losses, A' and A forwards on the batch, two A' backwards of the two-direction sum, the siamese
     AdamW step, A''s "after" memory losses, the weight, A's backward of the batch-mean loss times mean(w) plus the
     no-grad memory term, clipping at ``grad_clip``, A's AdamW step."""
