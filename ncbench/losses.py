@@ -12,18 +12,18 @@ def pair_logits(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Ten
 
 
 def per_pair_infonce(logits: Tensor) -> Tensor:
-    """Per-pair symmetric InfoNCE ``½(CE_i2t(i) + CE_t2i(i))`` with in-batch negatives (baselines.md §0)."""
+    """Per-pair symmetric InfoNCE ``½(CE_i2t(i) + CE_t2i(i))`` with in-batch negatives (docs/methods/README.md#notation)."""
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none"))
 
 
 def infonce(logits: Tensor) -> Tensor:
-    """The CLIP loss: mean of :func:`per_pair_infonce` over the batch (npc.md §3)."""
+    """The CLIP loss: mean of :func:`per_pair_infonce` over the batch (docs/methods/clip.md#method)."""
     return per_pair_infonce(logits).mean()
 
 
 def per_pair_soft_infonce(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-pair symmetric cross-entropy against soft targets ``T_ij = y_i·δ_ij + (1 − y_i)/B`` (baselines.md §2.4
+    """Per-pair symmetric cross-entropy against soft targets ``T_ij = y_i·δ_ij + (1 − y_i)/B`` (docs/methods/ncr.md#ncr-a2,
     ``soft_target``): at ``y_i = 1`` it is :func:`per_pair_infonce`; at ``y_i = 0`` pair i's target is uniform."""
     logits, y = logits.float(), y.float()
     target = torch.diag(y) + ((1 - y) / logits.shape[0])[:, None]

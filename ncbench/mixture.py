@@ -1,4 +1,4 @@
-"""Small-loss division with a two-component Gaussian mixture (baselines.md §2.1, §2.3).
+"""Small-loss division with a two-component Gaussian mixture (docs/methods/gmm-filter.md#division).
 
 ``clean_posterior`` turns per-pair losses into each pair's probability of being clean; ``division_threshold``
 is the score above which a pair is kept; ``divide`` runs both on a model's per-pair InfoNCE over the training set.
@@ -22,7 +22,7 @@ def clean_posterior(losses: np.ndarray, seed: int, *, max_iter: int = 10, tol: f
                     reg_covar: float = 5e-4) -> np.ndarray:
     """Posterior of the lower-mean component of a 2-component GMM fit on min-max normalised ``losses``.
 
-    NCR's settings (baselines.md §2.1): ``max_iter=10, tol=1e-2, reg_covar=5e-4``; ``seed`` is the
+    NCR's settings (docs/methods/gmm-filter.md#ncr-division): ``max_iter=10, tol=1e-2, reg_covar=5e-4``; ``seed`` is the
     ``random_state`` of the k-means initialisation. With so few EM iterations sklearn often warns that
     the fit did not converge; as in NCR, the result is used anyway and the warning is silenced.
     """
@@ -47,7 +47,7 @@ def division_threshold(w: np.ndarray, p_threshold: float = 0.5, min_noisy_frac: 
 
 @dataclass(frozen=True)
 class DivisionParams:
-    """Hyper-parameters of the epoch-start GMM division (baselines.md §2.3 defaults)."""
+    """Hyper-parameters of the epoch-start GMM division (docs/methods/gmm-filter.md#hyper-parameters)."""
 
     warmup_epochs: int = 0  # epochs of plain InfoNCE on every pair before the first division
     p_threshold: float = 0.5  # keep pairs whose clean posterior exceeds this
@@ -79,7 +79,7 @@ class DivisionParams:
 
 def divide(ctx: Context, model: nn.Module, epoch: int, params: DivisionParams) -> np.ndarray:
     """Clean posterior of every training pair under ``model``: per-pair InfoNCE in eval mode inside random
-    batches seeded by (run seed, epoch), min-max normalised, GMM (baselines.md §2.3 epoch-start hook)."""
+    batches seeded by (run seed, epoch), min-max normalised, GMM (docs/methods/gmm-filter.md#division)."""
     losses = ctx.per_pair_loss(model, params.loss_batch or None, seed=derive_seed("per-pair-loss", ctx.seed, epoch))
     return clean_posterior(losses, derive_seed("gmm", ctx.seed, epoch), max_iter=params.gmm_max_iter,
                            tol=params.gmm_tol, reg_covar=params.gmm_reg_covar)

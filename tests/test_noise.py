@@ -1,4 +1,4 @@
-"""caption-shuffle noise: exact count, the true mask, determinism (npc.md §2)."""
+"""caption-shuffle noise: exact count, the true mask, determinism (docs/noise.md#caption-shuffle)."""
 import numpy as np
 import pytest
 
@@ -14,7 +14,7 @@ def test_exactly_floor_ratio_rows_are_shuffled(ratio):
     moved = noise.assigned_image != CAPTION_IMAGE
     n = int(ratio * len(CAPTION_IMAGE))
     assert moved.sum() <= n
-    # shuffled rows that land on their own image are clean; only a handful do (npc.md §2: ~1 + (c-1)r)
+    # shuffled rows that land on their own image are clean; only a handful do (docs/noise.md#caption-shuffle-fixed-points: ~1 + (c-1)r)
     assert n - moved.sum() <= max(10, 0.02 * n)
     # a permutation among the selected rows: every image keeps its number of captions
     assert np.array_equal(np.bincount(noise.assigned_image, minlength=200), np.full(200, 5))

@@ -1,4 +1,4 @@
-"""Noise protocols as artefacts (docs/noise.md; baselines.md §1.1–1.2, §1.6; npc.md §2): realised ratios,
+"""Noise protocols as artefacts (docs/noise.md): realised ratios,
 exact masks, determinism, the shared store and its refusals, NCR/NPC files both ways, hard noise."""
 import json
 import os
@@ -50,7 +50,7 @@ def test_realised_ratio_and_exact_mask(mini, protocol, ratio):
     nominal = int(ratio * len(truth))
     if protocol == "hard":  # every selected caption moves: within one caption of nominal
         assert abs(noisy - ratio * len(truth)) < 1
-    elif protocol == "caption-shuffle":  # a few selected rows land back on their image (npc.md §2)
+    elif protocol == "caption-shuffle":  # a few selected rows land back on their image (docs/noise.md#caption-shuffle-fixed-points)
         assert nominal - 10 <= noisy <= nominal
     else:  # whole images: all 5 captions of a moved image move together, to one image
         moved = np.unique(truth[~noise.clean])
@@ -160,7 +160,7 @@ def test_export_then_import_gives_the_same_noise(mini, tmp_path, protocol, fmt):
 
 def test_rcl_image_level_index_is_read_per_image(mini, tmp_path):
     noise = _make(mini, "image-shuffle", 0.6)
-    per_image = noise.assigned_image[::5]  # RCL/DECL noise_inx: one entry per image (baselines.md §1.2)
+    per_image = noise.assigned_image[::5]  # RCL/DECL noise_inx: one entry per image (docs/noise.md#origin-image)
     np.save(tmp_path / "noise_inx_0.6.npy", per_image)
     back = N.import_ncr(tmp_path / "noise_inx_0.6.npy", mini.train)
     assert back.digest == noise.digest
