@@ -1,39 +1,59 @@
-"""Leaderboards (markdown, CSV, LaTeX) and noise-stability plots, read from result records only.
+"""Leaderboards (markdown, CSV, LaTeX), method comparisons, noise-stability and critical-difference plots, read
+from result records only.
 
 A table holds the runs of one *setting*: dataset, noise protocol, model and its weights (with the
 embedded pretraining recipe), epochs, model-selection rule and test protocol; nothing is averaged across
 settings. Its rows are method variants (a method with one version, one set of hyper-parameters and
-harness settings), its columns noise ratios; a cell is the mean ± sample standard deviation (ddof=1) of
-the metric over seeds, with the seed count. Methods that use clean data form a separate track.
+harness settings), its columns noise ratios; a cell is the mean of the metric over seeds with its 95 %
+interval and the seed count, bold when in the column's tied-best group; the statistics are in ncbench/verdicts.py
+and docs/statistics.md. Methods that use clean data form a separate track.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
+from ncbench import stats
 from ncbench.errors import UserError
 from ncbench.evaluate import METRICS
-from ncbench.results import iter_records
+from ncbench.results import RECORD, iter_records, load_ranks
 from ncbench.seeding import stable_hash
+from ncbench.stats import Estimate
+from ncbench.verdicts import Evidence, Key
 
 SETTING = ("dataset", "noise_protocol", "model", "architecture", "pretrained", "pretrain", "epochs", "selection")
 NOT_VARIANT = SETTING + ("method", "noise", "seed", "preset")  # the preset's name is not part of a run's identity
 SELECTION_NAMES = {"best-dev-rsum": "best dev rSum", "last": "last epoch"}
 TRACKS = {False: "noisy data only", True: "uses clean data"}
 FORMATS = ("md", "csv", "latex")
-STD_NOTE = "sample standard deviation (ddof=1) over seeds"
+RUN_COLUMNS = ("clean_track", "label", "noise", "seed", "digest", "value", "ranks")
+TESTS = {"t": "paired t", "bootstrap": "paired bootstrap", "welch": "Welch (unpaired)", "": "–"}
+INTERVALS = {"t": "Student t over seeds", "bootstrap": "bootstrap over seeds and test queries"}
+COMPARE_FORMATS = ("table", "csv", "md")
 
 
 def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
     """One row per complete record under ``root`` (optionally of one dataset): setting, method variant,
-    noise ratio, seed, test metrics and the last epoch's detection AUROC."""
+    noise ratio, seed, noise digest, test metrics, per-query test ranks (or None) and the last epoch's detection AUROC."""
     rows = []
+    run_dirs: dict[str, Path] | None = None
     for record in iter_records(root):
+        ranks = None
+        if record.get("ranks_file"):
+            run_dirs = run_dirs if run_dirs is not None else {p.parent.name: p.parent for p in Path(root).rglob(RECORD)}
+            run_dir = run_dirs.get(record["run_id"], Path(root) / record["run_id"])
+            try:
+                ranks = load_ranks(run_dir, record)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise UserError(f"--results {root}: {run_dir / record['ranks_file']} is not a readable ranks file ({e})") from None
         cfg = record["config"]
         last = record["epochs"][-1] if record["epochs"] else {}
         auroc = (last.get("detection") or {}).get("auroc")  # null where undefined (every pair clean)
@@ -53,7 +73,9 @@ def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
             "variant": json.dumps({k: v for k, v in cfg.items() if k not in NOT_VARIANT}, sort_keys=True),
             "noise": float(record["noise"]["ratio"]),
             "seed": int(cfg["seed"]),
+            "digest": record["noise"].get("digest", ""),
             "test": record["test"],
+            "ranks": ranks,
             "auroc": math.nan if auroc is None else auroc,
         })
     if not rows:
@@ -69,18 +91,29 @@ def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
     return frame
 
 
+class Cell(NamedTuple):
+    """A table cell: mean over seeds, sample std, seed count, 95 % interval and membership of the tied-best group."""
+
+    mean: float
+    std: float
+    n: int
+    lo: float
+    hi: float
+    best: bool
+
+
 @dataclass
 class Table:
-    """One setting's aggregate: ``stats`` is indexed by (clean_track, label, noise) with mean, std, n."""
+    """One setting's runs (``RUN_COLUMNS``, ``value`` being the metric) and the statistics drawn from them."""
 
     setting: dict
     protocol: str
     metric: str
-    stats: pd.DataFrame
+    runs: pd.DataFrame
 
     @property
     def noise(self) -> list[float]:
-        return sorted(set(self.stats.index.get_level_values("noise")))
+        return sorted(set(self.runs.noise))
 
     @property
     def seeds(self) -> int:
@@ -95,6 +128,36 @@ class Table:
         safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in readable)
         return f"{safe}_{stable_hash(self.setting, self.protocol, length=6)}"
 
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS.get(self.metric, True)
+
+    @cached_property
+    def evidence(self) -> Evidence:
+        return Evidence(self.runs[list(RUN_COLUMNS)], self.metric, self.higher_is_better)
+
+    @cached_property
+    def stats(self) -> pd.DataFrame:
+        """Indexed by (clean_track, label, noise): mean, std, n, lo, hi, best (in the tied-best group), how."""
+        rows = []
+        for (clean, noise), runs in self.runs.groupby(["clean_track", "noise"]):
+            keys = [(bool(clean), label) for label in sorted(set(runs.label))]
+            group = self.evidence.best_group(keys, noise) if len(keys) > 1 else set()
+            for key in keys:
+                e = self.evidence.cell(key, noise)
+                rows.append({"clean_track": key[0], "label": key[1], "noise": noise, "mean": e.value,
+                             "std": runs.value[runs.label == key[1]].std(ddof=1), "n": e.n, "lo": e.lo, "hi": e.hi,
+                             "best": key in group, "how": e.how})
+        return pd.DataFrame(rows).set_index(["clean_track", "label", "noise"]).sort_index()
+
+    @cached_property
+    def robustness(self) -> dict[Key, tuple[Estimate, Estimate]]:
+        """Per row: area under the noise-stability curve and retention (nan without ratio 0); empty for one ratio."""
+        if len(self.noise) < 2:
+            return {}
+        return {(clean, label): self.evidence.robustness((clean, label), self.noise)
+                for clean in (False, True) for label in self.rows(clean)}
+
     def setting_parts(self) -> list[str]:
         """The setting in words, for titles and captions."""
         s = self.setting
@@ -107,22 +170,20 @@ class Table:
                 f"test protocol {self.protocol}"]
 
     def rows(self, clean_track: bool) -> list[str]:
-        index = self.stats.index
-        return sorted(set(index[index.get_level_values("clean_track") == clean_track].get_level_values("label")))
+        runs = self.runs
+        return sorted(set(runs.label[runs.clean_track == clean_track]))
 
-    def cell(self, clean_track: bool, label: str, noise: float) -> tuple[float, float, int] | None:
+    def cell(self, clean_track: bool, label: str, noise: float) -> Cell | None:
         key = (clean_track, label, noise)
         if key not in self.stats.index:
             return None
         row = self.stats.loc[key]
-        return float(row["mean"]), float(row["std"]), int(row["n"])
+        return Cell(float(row["mean"]), float(row["std"]), int(row["n"]), float(row["lo"]), float(row["hi"]),
+                    bool(row["best"]))
 
-    def best(self, clean_track: bool, noise: float) -> float | None:
-        """The best mean of a column within a track (None when the track has fewer than two entries there)."""
-        means = [c[0] for c in (self.cell(clean_track, label, noise) for label in self.rows(clean_track)) if c]
-        if len(means) < 2:
-            return None
-        return max(means) if METRICS.get(self.metric, True) else min(means)
+    def intervals(self) -> str:
+        """How this table's cell intervals were made, in words."""
+        return " or ".join(INTERVALS[h] for h in sorted(set(self.stats.how) - {""}, reverse=True)) or "none"
 
 
 def tables(frame: pd.DataFrame, metric: str, protocol: str | None = None) -> list[Table]:
@@ -146,17 +207,21 @@ def detection_tables(frame: pd.DataFrame) -> list[Table]:
     """Per setting, the last epoch's clean-pair detection AUROC of the method variants that report it."""
     out = []
     for key, runs in frame.groupby(list(SETTING), sort=True):
-        reported = runs.assign(value=runs.auroc).dropna(subset=["value"])
+        reported = runs.assign(value=runs.auroc, ranks=None).dropna(subset=["value"])
         if len(reported):
             out.append(_table(dict(zip(SETTING, key)), runs.test_protocols.iloc[0][0], "auroc", reported))
     return out
 
 
 def _table(setting: dict, protocol: str, metric: str, runs: pd.DataFrame) -> Table:
-    runs = runs.assign(label=_labels(runs))
-    stats = runs.groupby(["clean_track", "label", "noise"]).value.agg(
-        mean="mean", std=lambda v: v.std(ddof=1), n="count")
-    return Table(setting, protocol, metric, stats)
+    names = (f"{protocol}.i2t", f"{protocol}.t2i")
+    ranked = metric == "rsum" or metric.startswith(("i2t_", "t2i_"))
+    ranks = [(r[names[0]], r[names[1]]) if ranked and r and all(n in r for n in names) else None for r in runs.ranks]
+    sizes = {(len(r[0]), len(r[1])) for r in ranks if r is not None}
+    if len(sizes) > 1:
+        raise UserError(f"ranks files of {', '.join(setting[k] for k in ('dataset', 'noise_protocol'))}, test protocol "
+                        f"{protocol}: query counts differ between runs ({', '.join(map(str, sorted(sizes)))})")
+    return Table(setting, protocol, metric, runs.assign(label=_labels(runs), ranks=pd.Series(ranks, runs.index, object)))
 
 
 def _labels(runs: pd.DataFrame) -> pd.Series:
@@ -201,18 +266,61 @@ def _percent(noise: float) -> str:
     return f"{100 * noise:.4g}%"
 
 
-def _cell_text(cell: tuple[float, float, int] | None, seeds: int, pm: str) -> str:
+ROBUST = {"auc": "AUC", "retention": "retention %"}
+
+
+def _robust_columns(table: Table) -> list[str]:
+    """The robustness columns of a table: AUC needs two noise ratios, retention also ratio 0."""
+    if len(table.noise) < 2:
+        return []
+    return ["auc"] + (["retention"] if table.noise[0] == 0 else [])
+
+
+def _robust(table: Table, clean: bool, label: str, column: str) -> Estimate:
+    return table.robustness[(clean, label)][list(ROBUST).index(column)]
+
+
+def _text(value: float, lo: float, hi: float, n: int, seeds: int, *, bold: bool = False, tex: bool = False,
+          scale: float = 1.0) -> str:
+    """A mean with its 95 % interval (none below two seeds) and (n=k) where fewer than ``seeds`` seeds."""
+    if math.isnan(value):
+        return "–"
+    mean = f"{scale * value:.1f}"
+    interval = f"[{scale * lo:.1f}, {scale * hi:.1f}]" if n >= 2 and not math.isnan(lo) else ""
+    marker = f"(n={n})" if n < seeds else ""
+    if tex:
+        mean = f"$\\mathbf{{{mean}}}$" if bold else f"${mean}$"
+        return " ".join(t for t in (mean, f"{{\\scriptsize {interval}}}" if interval else "", marker) if t)
+    text = " ".join(t for t in (mean, interval, marker) if t)
+    return f"**{text}**" if bold else text
+
+
+def _cell_text(table: Table, clean: bool, label: str, ratio: float, tex: bool = False) -> str:
+    cell = table.cell(clean, label, ratio)
     if cell is None:
         return "–"
-    mean, std, n = cell
-    text = f"{mean:.1f}" if n < 2 else f"{mean:.1f}{pm}{std:.1f}"
-    return text + (f" (n={n})" if n < seeds else "")
+    return _text(cell.mean, cell.lo, cell.hi, cell.n, table.seeds, bold=cell.best, tex=tex)
+
+
+def _robust_text(table: Table, clean: bool, label: str, column: str, tex: bool = False) -> str:
+    e = _robust(table, clean, label, column)
+    return _text(e.value, e.lo, e.hi, e.n, table.seeds, tex=tex, scale=100.0 if column == "retention" else 1.0)
 
 
 def _footnote(table: Table) -> str:
-    better = "higher" if METRICS.get(table.metric, True) else "lower"
-    return (f"Mean ± {STD_NOTE}: {table.seeds} per cell, (n=k) marks a cell with fewer; one seed has no std. "
-            f"Bold: the best mean of its column within its track ({better} is better).")
+    better = "higher" if table.higher_is_better else "lower"
+    text = (f"Mean over seeds [95 % interval: {table.intervals()}]: {table.seeds} per cell, (n=k) marks a cell with "
+            f"fewer; one seed has no interval. Bold: the tied-best group of its column within its track: the best mean "
+            f"({better} is better) and every method not significantly worse (two-sided tests paired by seed and noise "
+            f"artefact, Holm-corrected over the column, α = 0.05; a cell that cannot be tested stays in).")
+    columns = _robust_columns(table)
+    if columns:
+        low, high = _percent(table.noise[0]), _percent(table.noise[-1])
+        text += (f" AUC: area under the noise-stability curve from {low} to {high} (trapezoid rule, divided by the "
+                 f"span: the curve's mean height)")
+        text += f"; retention: the metric at {high} / at 0%, in %" if "retention" in columns else ""
+        text += "; both per seed over the seeds run at every ratio, then averaged."
+    return text + " See docs/statistics.md."
 
 
 def markdown(tabs: list[Table]) -> str:
@@ -221,20 +329,18 @@ def markdown(tabs: list[Table]) -> str:
     parts = [f"# Leaderboard: test {metric}\n"]
     for table in tabs:
         parts.append(f"## {' · '.join(table.setting_parts())}\n")
+        robust = _robust_columns(table)
         for clean in (False, True):
             rows = table.rows(clean)
             if not rows:
                 continue
             if clean:
                 parts.append("Methods that use clean data (a separate track):\n")
-            header = ["Method", *(f"noise {_percent(r)}" for r in table.noise)]
-            lines = ["| " + " | ".join(header) + " |", "| :-- |" + " --: |" * len(table.noise)]
+            header = ["Method", *(f"noise {_percent(r)}" for r in table.noise), *(ROBUST[c] for c in robust)]
+            lines = ["| " + " | ".join(header) + " |", "| :-- |" + " --: |" * (len(header) - 1)]
             for label in rows:
-                cells = []
-                for ratio in table.noise:
-                    cell = table.cell(clean, label, ratio)
-                    text = _cell_text(cell, table.seeds, " ± ")
-                    cells.append(f"**{text}**" if cell and cell[0] == table.best(clean, ratio) else text)
+                cells = [_cell_text(table, clean, label, r) for r in table.noise]
+                cells += [_robust_text(table, clean, label, c) for c in robust]
                 lines.append("| " + " | ".join([label, *cells]) + " |")
             parts.append("\n".join(lines) + "\n")
         parts.append(f"Test {metric}. {_footnote(table)}\n")
@@ -242,7 +348,8 @@ def markdown(tabs: list[Table]) -> str:
 
 
 def csv(tabs: list[Table]) -> str:
-    """The leaderboard as one CSV: a row per (setting, track, method variant), three columns per noise ratio."""
+    """The leaderboard as one CSV: a row per (setting, track, method variant); per noise ratio the mean, sample std,
+    interval, seed count and tied-best membership; then the robustness scores with their intervals."""
     noise = sorted({r for t in tabs for r in t.noise})
     rows = []
     for table in tabs:
@@ -252,13 +359,18 @@ def csv(tabs: list[Table]) -> str:
                        "metric": table.metric, "track": TRACKS[clean], "method": label}
                 for ratio in noise:
                     cell = table.cell(clean, label, ratio)
-                    row.update({f"noise{ratio:g}_mean": cell[0] if cell else math.nan,
-                                f"noise{ratio:g}_sample_std": cell[1] if cell else math.nan,
-                                f"noise{ratio:g}_seeds": cell[2] if cell else None})
+                    values = (cell.mean, cell.std, cell.lo, cell.hi, cell.n, cell.best) if cell else (math.nan,) * 4 + (None, None)
+                    row.update(dict(zip((f"noise{ratio:g}_{k}" for k in ("mean", "sample_std", "lo", "hi", "seeds", "group")),
+                                        values)))
+                for column in ROBUST:
+                    e = _robust(table, clean, label, column) if column in _robust_columns(table) else Estimate(math.nan)
+                    row.update({column: e.value, f"{column}_lo": e.lo, f"{column}_hi": e.hi, f"{column}_seeds": e.n or None})
                 rows.append(row)
     frame = pd.DataFrame(rows)
+    for column in [f"noise{r:g}_seeds" for r in noise] + [f"{c}_seeds" for c in ROBUST]:
+        frame[column] = frame[column].astype("Int64")
     for ratio in noise:
-        frame[f"noise{ratio:g}_seeds"] = frame[f"noise{ratio:g}_seeds"].astype("Int64")
+        frame[f"noise{ratio:g}_group"] = frame[f"noise{ratio:g}_group"].astype("boolean")
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False, float_format="%.4f", lineterminator="\n")
     return buffer.getvalue()
@@ -277,31 +389,25 @@ def latex(tabs: list[Table]) -> str:
     """The leaderboard as LaTeX (booktabs): one ``table`` per setting, the clean-data track as its own block."""
     out = ["% ncbench leaderboard; needs \\usepackage{booktabs}"]
     for table in tabs:
-        k = len(table.noise)
-        better = "higher" if METRICS.get(table.metric, True) else "lower"
+        robust = _robust_columns(table)
+        k, width = len(table.noise), len(table.noise) + len(robust)
         caption = (f"Test {tex_escape(metric_name(table.metric))}: {tex_escape('; '.join(table.setting_parts()))}. "
-                   f"Mean $\\pm$ {STD_NOTE} ({table.seeds} per cell; (n=k) marks a cell with fewer, "
-                   f"one seed has no std). Bold: best mean of its column within its track ({better} is better).")
+                   + tex_escape(_footnote(table)).replace("α", r"$\alpha$"))
         out += ["", "\\begin{table}[t]", "\\centering", f"\\caption{{{caption}}}",
-                f"\\label{{tab:ncbench-{table.slug}}}", f"\\begin{{tabular}}{{l{'c' * k}}}", "\\toprule",
-                f" & \\multicolumn{{{k}}}{{c}}{{Noise ratio}} \\\\", f"\\cmidrule(lr){{2-{k + 1}}}",
-                "Method & " + " & ".join(tex_escape(_percent(r)) for r in table.noise) + " \\\\", "\\midrule"]
+                f"\\label{{tab:ncbench-{table.slug}}}", f"\\begin{{tabular}}{{l{'c' * width}}}", "\\toprule",
+                f" & \\multicolumn{{{k}}}{{c}}{{Noise ratio}}" + " &" * len(robust) + " \\\\",
+                f"\\cmidrule(lr){{2-{k + 1}}}",
+                "Method & " + " & ".join([*(tex_escape(_percent(r)) for r in table.noise),
+                                          *(tex_escape(ROBUST[c]) for c in robust)]) + " \\\\", "\\midrule"]
         for clean in (False, True):
             rows = table.rows(clean)
             if not rows:
                 continue
             if clean:
-                out += ["\\midrule", f"\\multicolumn{{{k + 1}}}{{l}}{{\\textit{{Methods that use clean data}}}} \\\\"]
+                out += ["\\midrule", f"\\multicolumn{{{width + 1}}}{{l}}{{\\textit{{Methods that use clean data}}}} \\\\"]
             for label in rows:
-                cells = []
-                for ratio in table.noise:
-                    cell = table.cell(clean, label, ratio)
-                    text = _cell_text(cell, table.seeds, " \\pm ")
-                    if cell is not None:
-                        value, _, marker = text.partition(" (")
-                        value = f"\\mathbf{{{value}}}" if cell[0] == table.best(clean, ratio) else value
-                        text = f"${value}$" + (f" ({marker}" if marker else "")
-                    cells.append(text)
+                cells = [_cell_text(table, clean, label, r, tex=True) for r in table.noise]
+                cells += [_robust_text(table, clean, label, c, tex=True) for c in robust]
                 out.append(" & ".join([tex_escape(label), *cells]) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
     return "\n".join(out) + "\n"
@@ -318,6 +424,90 @@ def leaderboard(root: Path, fmt: str = "md", metric: str = "rsum", protocol: str
     return RENDERERS[fmt](tables(load_runs(root, dataset), metric, protocol))
 
 
+def compare(root: Path, a: str, b: str, metric: str = "rsum", protocol: str | None = None, dataset: str | None = None,
+            noise_protocol: str | None = None) -> pd.DataFrame:
+    """Per setting and noise ratio where both methods (leaderboard labels) have runs: the means, the difference
+    a - b with its 95 % interval, p-value, Holm-adjusted p-value over the rows, pair count and test used."""
+    frame = load_runs(root, dataset)
+    if noise_protocol is not None:
+        if noise_protocol not in set(frame.noise_protocol):
+            raise UserError(f"--noise-protocol {noise_protocol!r}: no records; noise protocols under {root}: "
+                            f"{', '.join(sorted(set(frame.noise_protocol)))}")
+        frame = frame[frame.noise_protocol == noise_protocol]
+    tabs = tables(frame, metric, protocol)
+    labels = {label for t in tabs for clean in (False, True) for label in t.rows(clean)}
+    for method in (a, b):
+        if method not in labels:
+            raise UserError(f"compare: method {method!r} has no records here; methods: {', '.join(sorted(labels))}")
+    rows = []
+    for table in tabs:
+        keys = {label: (clean, label) for clean in (False, True) for label in table.rows(clean)}
+        if a not in keys or b not in keys:
+            continue
+        for ratio in table.noise:
+            if table.cell(*keys[a], ratio) is None or table.cell(*keys[b], ratio) is None:
+                continue
+            rows_a, rows_b, _ = table.evidence.compared_runs(keys[a], keys[b], ratio)
+            value = table.evidence.runs.value
+            e = table.evidence.difference(keys[a], keys[b], ratio)
+            rows.append({**table.setting, "test_protocol": table.protocol, "metric": metric, "noise": ratio,
+                         "a": a, "b": b, "mean_a": value[rows_a].mean(), "mean_b": value[rows_b].mean(),
+                         "difference": e.value, "lo": e.lo, "hi": e.hi, "p": e.p, "pairs": e.n, "test": TESTS[e.how]})
+    if not rows:
+        raise UserError(f"compare {a} {b}: no setting and noise ratio under {root} has runs of both")
+    out = pd.DataFrame(rows)
+    out["p_holm"] = stats.holm(out.p.tolist())
+    return out
+
+
+def comparison_rows(frame: pd.DataFrame) -> tuple[str, list[str], list[list[str]]]:
+    """A comparison as text: title, header and rows; the setting is a column only where rows differ in it."""
+    a, b = frame.a.iloc[0], frame.b.iloc[0]
+    settings = [f"{r.dataset} · {r.noise_protocol} noise · {r.model} · {r.epochs} ep · test {r.test_protocol}"
+                for r in frame.itertuples()]
+    several = len(set(settings)) > 1
+    title = f"test {metric_name(frame.metric.iloc[0])}: A = {a}, B = {b}" + ("" if several else f"; {settings[0]}")
+    header = [*(["setting"] if several else []), "noise", "mean A", "mean B", "A − B", "95% CI", "p", "p Holm",
+              "n", "test"]
+    rows = []
+    for setting, r in zip(settings, frame.itertuples()):
+        interval = "–" if math.isnan(r.lo) else f"[{r.lo:+.2f}, {r.hi:+.2f}]"
+        rows.append([*([setting] if several else []), _percent(r.noise), f"{r.mean_a:.2f}", f"{r.mean_b:.2f}",
+                     f"{r.difference:+.2f}", interval, _p_text(r.p), _p_text(r.p_holm), str(r.pairs), r.test])
+    return title, header, rows
+
+
+def _p_text(p: float) -> str:
+    return "–" if math.isnan(p) else f"{p:.3g}"
+
+
+def comparison_text(frame: pd.DataFrame, fmt: str) -> str:
+    """A comparison as CSV (raw numbers) or markdown."""
+    if fmt == "csv":
+        buffer = io.StringIO()
+        frame.to_csv(buffer, index=False, float_format="%.6g", lineterminator="\n")
+        return buffer.getvalue()
+    title, header, rows = comparison_rows(frame)
+    lines = [f"{title}\n", "| " + " | ".join(header) + " |", "|" + " :-- |" * (len(header) - 8) + " --: |" * 7 + " :-- |"]
+    note = ("\nn: seed pairs (fewer runs of A or B for Welch, used where paired runs differ in noise); p Holm: "
+            "adjusted over these rows; paired t over seeds, or a bootstrap over seeds and test queries where every run "
+            "has ranks (docs/statistics.md).\n")
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n" + note
+
+
+def rank_blocks(tabs: list[Table]) -> pd.DataFrame:
+    """Blocks (setting x test protocol x noise ratio; rows) x methods of the noisy-data track (columns) of the mean:
+    the methods present in at least half of the blocks, the blocks that have all of them."""
+    blocks = {}
+    for table in tabs:
+        for ratio in table.noise:
+            blocks[f"{table.slug} {ratio:g}"] = {label: table.cell(False, label, ratio).mean for label in table.rows(False)
+                                                 if table.cell(False, label, ratio) is not None}
+    frame = pd.DataFrame.from_dict(blocks, orient="index")
+    frame = frame[sorted(c for c in frame.columns if frame[c].notna().mean() >= 0.5)]
+    return frame.dropna()
+
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", "-.", ":")
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")  # Okabe–Ito
@@ -326,17 +516,47 @@ COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 def plot(root: Path, out_dir: Path, metric: str = "rsum", protocol: str | None = None,
          dataset: str | None = None) -> list[Path]:
     """Per setting, the noise-stability plot of ``metric`` and, where methods report it, the detection AUROC plot;
-    each as PNG and SVG in ``out_dir``. Returns the files written."""
+    across settings, the critical-difference diagram of ``metric`` (where three methods share two blocks); each as
+    PNG and SVG in ``out_dir``. Returns the files written."""
     frame = load_runs(root, dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for table in tables(frame, metric, protocol):
+    metric_tables = tables(frame, metric, protocol)
+    for table in metric_tables:
         written += _figure(table, f"test {metric_name(metric)} (protocol {table.protocol})",
                            f"Noise stability: test {metric_name(metric)}", out_dir / f"{table.slug}_{metric}")
     for table in detection_tables(frame):
         written += _figure(table, "clean-pair detection AUROC (last epoch)", "Clean-pair detection",
                            out_dir / f"{table.slug}_detection-auroc")
+    blocks = rank_blocks(metric_tables)
+    if blocks.shape[1] >= 3 and blocks.shape[0] >= 2:  # Friedman needs three methods
+        written += _cd_figure(stats.rank_test(blocks, METRICS.get(metric, True)), metric,
+                              out_dir / f"critical-difference_{metric}")
     return written
+
+
+def _cd_figure(test: stats.RankTest, metric: str, stem: Path) -> list[Path]:
+    """The critical-difference diagram (Demšar 2006) drawn by scikit-posthocs, as PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scikit_posthocs as sp
+
+    with plt.rc_context({"svg.hashsalt": "ncbench", "font.size": 9}):
+        fig, ax = plt.subplots(figsize=(6.4, 2.4 + 0.15 * len(test.ranks)), layout="constrained")
+        sp.critical_difference_diagram(test.ranks, test.nemenyi, cd=test.cd, alpha=stats.ALPHA, ax=ax,
+                                       label_fmt_left="{label} ({rank:.2f})", label_fmt_right="({rank:.2f}) {label}",
+                                       color_palette=list(COLOURS[: len(test.ranks)]) if len(test.ranks) <= len(COLOURS) else None)
+        fig.suptitle(f"Average rank of test {metric_name(metric)} (1 = best), noisy-data track, over {test.blocks} "
+                     f"blocks (setting × noise ratio)\nFriedman p = {test.friedman_p:.2g}; a bar joins methods the Nemenyi "
+                     f"test does not separate (α = {stats.ALPHA:g});\nCD: critical difference of average ranks",
+                     fontsize=9)
+        paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"]
+        fig.savefig(paths[0], dpi=150, metadata={"Software": None}, bbox_inches="tight")  # labels lie outside the axes
+        fig.savefig(paths[1], metadata={"Date": None}, bbox_inches="tight")
+        plt.close(fig)
+    return paths
 
 
 def _figure(table: Table, ylabel: str, title: str, stem: Path) -> list[Path]:

@@ -1,10 +1,13 @@
 """Leaderboards and plots from committed fixture records (tests/fixtures/records): 3 methods (clip at two lrs,
 gmm-filter with detection, mscn using clean data, one of its seeds missing at 60 %) x 2 noise ratios x 2 seeds,
 plus one run under another noise protocol."""
+import io
 import json
+import math
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ncbench import report
@@ -29,11 +32,23 @@ def test_leaderboard_matches_golden(tmp_path, fmt, ext):
     assert target.read_text() == (FIXTURES / "golden" / f"leaderboard.{ext}").read_text()
 
 
-def test_cells_are_mean_and_sample_std_over_seeds():
+def test_cells_are_mean_std_and_t_interval_over_seeds():
     (table, _) = report.tables(report.load_runs(RECORDS), "rsum")
-    mean, std, n = table.cell(False, "gmm-filter", 0.6)
-    assert (mean, n) == (403.5, 2) and std == pytest.approx(2 ** 0.5 * 3.5)  # 407 and 400: ddof=1
-    assert table.cell(True, "mscn", 0.6)[2] == 1 and table.rows(True) == ["mscn"]
+    cell = table.cell(False, "gmm-filter", 0.6)
+    assert (cell.mean, cell.n) == (403.5, 2) and cell.std == pytest.approx(2 ** 0.5 * 3.5)  # 407 and 400: ddof=1
+    assert (cell.lo, cell.hi) == pytest.approx((403.5 - 12.7062 * 3.5, 403.5 + 12.7062 * 3.5), abs=1e-3)  # t(1) quantile
+    assert table.cell(True, "mscn", 0.6).n == 1 and table.rows(True) == ["mscn"]
+    # 60 %: gmm-filter (407, 400) beats clip at lr 5e-4 (352, 342) by 55 and 58 on the same noise: paired t p = 0.017
+    assert [label for label in table.rows(False) if table.cell(False, label, 0.6).best] == ["clip (lr=0.0001)", "gmm-filter"]
+
+
+def test_csv_keeps_raw_columns():
+    frame = pd.read_csv(io.StringIO(report.leaderboard(RECORDS, "csv")))
+    row = frame[(frame.method == "gmm-filter") & (frame.noise_protocol == "caption-shuffle")].iloc[0]
+    assert row["noise0.6_mean"] == 403.5
+    assert row["noise0.6_lo"] == pytest.approx(403.5 - 12.7062 * 3.5, abs=1e-3) and row["noise0.6_seeds"] == 2
+    assert bool(row["noise0.6_group"]) and row.auc == pytest.approx((454 + 403.5) / 2)  # trapezoid over 20-60 %
+    assert math.isnan(row.retention)  # no 0 % column
 
 
 def test_settings_are_never_mixed(tmp_path):
@@ -95,7 +110,8 @@ def test_plot_writes_stability_and_detection_figures(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     stems = {name.rsplit(".", 1)[0] for name in names}
     assert len(names) == 2 * len(stems) and all((tmp_path / n).stat().st_size > 1000 for n in names)
-    assert sum(s.endswith("_rsum") for s in stems) == 2  # one per noise protocol
+    assert sum(s.endswith("_rsum") and not s.startswith("critical-difference") for s in stems) == 2  # per noise protocol
+    assert "critical-difference_rsum" in stems  # clip at two lrs and gmm-filter over two blocks (20 %, 60 %)
     assert sum(s.endswith("_detection-auroc") for s in stems) == 1  # only gmm-filter reports detection
     svg = next(tmp_path.glob("*caption-shuffle*_rsum.svg")).read_text()
     assert "gmm-filter" in svg and "mscn [clean data]" in svg and "noise ratio (%)" in svg
