@@ -9,6 +9,7 @@ tokenizer.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,6 +65,16 @@ def weights_source(name: str, pretrained: str) -> str | None:
         raise BackboneError(f"--pretrained: no such checkpoint file {path}")
     raise BackboneError(f"--pretrained {pretrained!r}: not a checkpoint file nor a tag of {name} "
                         f"(tags: {', '.join(tags) or 'none'})")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, dtypes, shapes and values, in order): which weights a run started from."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_backbone(name: str, pretrained: str, cache_dir: Path) -> Backbone:

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ncbench.errors import UserError
+from ncbench.lock import RUN_LOCKED_EXIT, RunLocked
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Benchmark suite for noisy-correspondence learning.")
 out = Console()
@@ -52,6 +53,9 @@ _LR = typer.Option(None, help="peak learning rate [default 5e-4]")
 _RUN_MODEL = typer.Option(None, help="open_clip architecture [default ncbench-tiny]")
 _RUN_PRETRAINED = typer.Option(None, help="weights: open_clip tag, checkpoint path, embedded or none")
 _SELECTION = typer.Option(None, help="model selection: best-dev-rsum or last")
+_LOG = typer.Option(None, "--log", help="follow losses and metrics in tensorboard or mlflow (extras: ncbench[tensorboard], "
+                    "ncbench[mlflow]); not part of the run id")
+_KEEP_MODEL = typer.Option(False, "--keep-model", help="keep the selected model beside the record, for `ncbench export`")
 
 
 @app.command()
@@ -77,6 +81,8 @@ def run(
         None, help="training pairs kept clean for methods that use clean data [default 0.02 for them, else 0]"),
     param: List[str] = typer.Option([], "--param", "-p", help="method hyper-parameter name=value (repeatable)"),
     plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
+    log: Optional[str] = _LOG,
+    keep_model: bool = _KEEP_MODEL,
     out_dir: Path = typer.Option(Path("results/runs"), "--out", help="folder of run records"),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models"),
 ) -> None:
@@ -94,7 +100,8 @@ def run(
     cfg = config.resolve(method_cls, flags, _parse_params(param))
     if noise_file is not None:
         cfg = _with_noise_file(cfg, noise_file, noise_protocol, cache_dir)
-    record = harness.run(cfg, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"))
+    record = harness.run(cfg, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"),
+                         config.RunOptions(log, keep_model))
     if record is not None:  # None: a torchrun rank other than 0, which writes nothing
         _show_record(record, out_dir)
 
@@ -280,11 +287,14 @@ def sweep(
     array_parallelism: Optional[int] = typer.Option(None, help="slurm: runs of the array at a time [default 256]"),
     status: bool = typer.Option(False, "--status", help="list each run as done, incomplete or not started (with "
                                 "--launcher slurm also queued, running or failed); run nothing"),
+    log: Optional[str] = _LOG,
+    keep_model: bool = _KEEP_MODEL,
     out_dir: Path = typer.Option(Path("results/runs"), "--out", help="folder of run records"),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models"),
 ) -> None:
     """Run the grid methods × noise × seeds: skip runs with a record, resume those with a checkpoint."""
     from ncbench import sweep as sweeps
+    from ncbench.config import RunOptions
     from ncbench.registry import load_plugin_file
 
     for path in plugin:
@@ -293,7 +303,7 @@ def sweep(
                     epochs=epochs, batch_size=batch_size, lr=lr, model=model, pretrained=pretrained,
                     selection=selection, preset=preset)
     grid = sweeps.expand(sweeps.parse_list(methods, str, "--methods"), sweeps.parse_list(noise, float, "--noise"),
-                         sweeps.parse_list(seeds, int, "--seeds"), settings, plugin)
+                         sweeps.parse_list(seeds, int, "--seeds"), settings, plugin, RunOptions(log, keep_model))
     options = _launcher_options(launcher, jobs, partition, gpus_per_run, time, array_parallelism)
     if status:
         if launcher == "slurm":
@@ -305,8 +315,10 @@ def sweep(
         return
     summary = sweeps.sweep(grid, _writable_dir(out_dir, "--out"), _writable_dir(cache_dir, "--cache-dir"),
                            1 if jobs is None else jobs, launcher, options)
+    elsewhere = f", {summary.elsewhere} run by another process" if summary.elsewhere else ""
     out.print(f"sweep of {summary.total} run{'s' if summary.total != 1 else ''}: {summary.skipped} already done, "
-              f"{summary.ran} ran ({summary.resumed} resumed from a checkpoint), {len(summary.failed)} failed")
+              f"{summary.ran} ran ({summary.resumed} resumed from a checkpoint){elsewhere}, "
+              f"{len(summary.failed)} failed")
     for run_id, why in summary.failed.items():
         err.print(f"failed {run_id}: {why}", highlight=False, soft_wrap=True)
     if summary.failed:
@@ -380,6 +392,33 @@ def leaderboard(
 
 
 @app.command()
+def compare(
+    method_a: str = typer.Argument(..., help="a method as the leaderboard names it, e.g. gmm-weight"),
+    method_b: str = typer.Argument(..., help="the method it is compared with"),
+    fmt: str = typer.Option("table", "--format", help="table (terminal), csv or md"),
+    metric: str = _METRIC,
+    protocol: Optional[str] = _PROTOCOL,
+    dataset: Optional[str] = _ONLY_DATASET,
+    noise_protocol: Optional[str] = typer.Option(None, help="only this noise protocol's records"),
+    results_dir: Path = _RESULTS,
+) -> None:
+    """Per setting and noise ratio: A − B paired by seed and noise artefact, its 95 % interval and p-value (docs/statistics.md)."""
+    from ncbench import report
+
+    if fmt not in report.COMPARE_FORMATS:
+        raise UserError(f"--format {fmt!r}: expected one of {', '.join(report.COMPARE_FORMATS)}")
+    frame = report.compare(results_dir, method_a, method_b, metric, protocol, dataset, noise_protocol)
+    if fmt != "table":
+        sys.stdout.write(report.comparison_text(frame, fmt))
+        return
+    title, header, rows = report.comparison_rows(frame)
+    table = Table(*header, title=title)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    out.print(table)
+
+
+@app.command()
 def plot(
     metric: str = _METRIC,
     protocol: Optional[str] = _PROTOCOL,
@@ -392,6 +431,49 @@ def plot(
 
     for path in report.plot(results_dir, _writable_dir(out_dir, "--out"), metric, protocol, dataset):
         out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def pretrain(
+    model: str = typer.Option("ncbench-tiny", help="a built-in tiny model with a compact vocabulary"),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache the weights are written to"),
+) -> None:
+    """Pretrain a tiny model's embedded weights now (minutes on a CPU), even where the package ships them, and write
+    them to the cache; says whether they equal the shipped file."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from ncbench import pretrain as pretraining
+    from ncbench.recipe import current_spec
+
+    spec, start = current_spec(), time.perf_counter()
+    state = pretraining.pretrain(model, _writable_dir(cache_dir, "--cache-dir"), spec)
+    out.print(f"wrote {pretraining.cache_path(model, cache_dir, spec)} ({time.perf_counter() - start:.0f} s)",
+              highlight=False, soft_wrap=True)
+    shipped = pretraining.shipped_weights(model, spec)
+    if shipped is None:
+        out.print("no shipped weights for this architecture and recipe", highlight=False)
+        return
+    identical, largest = pretraining.compare_states(state, load_file(shipped))
+    verdict = "bitwise identical to" if identical else f"differs (largest absolute difference {largest:.3g}) from"
+    out.print(f"{verdict} the shipped {shipped}", highlight=False, soft_wrap=True)
+
+
+@app.command("export")
+def export_(
+    run: str = typer.Argument(..., help="a run folder, or a run id found under --results"),
+    out_path: Path = typer.Option(..., "--out", help="model.pt / .safetensors (open_clip's pretrained=PATH), or a folder "
+                                                    "(open_clip's local-dir:PATH)"),
+    results_dir: Optional[Path] = typer.Option(None, "--results", help="folder of run records, to find a run id in"),
+    member: int = typer.Option(0, help="which evaluated model, for methods that test several (co-teaching)"),
+) -> None:
+    """Write a run's fine-tuned (selected-epoch) model as a checkpoint open_clip loads (ncbench/export.py)."""
+    from ncbench import export
+
+    files, notes = export.export_run(export.find_run(run, results_dir), out_path, member)
+    for line in [*map(str, files), *notes]:
+        out.print(line, highlight=False, soft_wrap=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -425,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
             err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(RUN_LOCKED_EXIT if isinstance(e, RunLocked) else 2)
     except _click_errors() as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `ncbench` or `ncbench noise`: the help is the answer
             out.print(e.ctx.get_help(), highlight=False, markup=False)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ncbench import checkpoint, distributed, evaluate, export, lock, tracking
-from ncbench.backbone import input_size, load_backbone, weights_source
+from ncbench.backbone import input_size, load_backbone, weights_digest, weights_source
 from ncbench.config import RunConfig, RunOptions, check_clean_fraction
 from ncbench.data import ImageNormalizer, Pairs, Split
 from ncbench.device import autocast_for, select_device
@@ -40,6 +40,7 @@ class Prepared:
     method: Method
     ctx: Context
     tokens: dict[str, torch.Tensor]  # tokenised captions of the dev and test splits
+    weights: str  # SHA-256 of the pretrained weights the models started from
     world: distributed.World
     timing: dict[str, float]
 
@@ -146,7 +147,7 @@ def prepare(cfg: RunConfig, cache_dir: Path, world: distributed.World) -> Prepar
     method = method_cls(method_cls.Params(**cfg.params))
     method.setup(ctx)
     tokens = {split: backbone.tokenize(getattr(pairs, split).captions) for split in ("dev", "test")}
-    return Prepared(cfg, pairs, clean, noise, method, ctx, tokens, world, timing)
+    return Prepared(cfg, pairs, clean, noise, method, ctx, tokens, weights_digest(backbone.model), world, timing)
 
 
 def start_or_resume(prep: Prepared, path: Path) -> dict:
@@ -287,6 +288,7 @@ def finish(prep: Prepared, state: dict, run_dir: Path, keep_model: bool = False)
         epochs=state["history"],
         timing={k: round(v, 2) for k, v in timing.items()},
         resumes=state["resumes"],
+        weights_sha256=prep.weights,
         peak_memory_mb=_peak_memory_mb(prep.ctx.device),
         environment=environment(),
         ranks_file=write_ranks(run_dir, ranks),

@@ -37,6 +37,7 @@ class RunRecord:
     epochs: list  # per epoch: epoch, steps, train_s, losses, report, detection, dev, eval_s
     timing: dict  # seconds: data_s, backbone_s, zero_shot_eval_s (summed over resumed processes), train_s, ...
     resumes: int  # how many times the run was resumed from a checkpoint
+    weights_sha256: str  # SHA-256 of the pretrained weights the models started from (backbone.weights_digest)
     peak_memory_mb: float
     environment: dict  # python, platform, packages, device, torch_threads
     ranks_file: str | None = None  # per-query test ranks beside the record (RANKS)
