@@ -1,4 +1,4 @@
-"""CC152K as the NCR family ships it, with the raw images a CLIP benchmark needs (baselines.md §1.4, §1.5).
+"""CC152K as the NCR family ships it, with the raw images a CLIP benchmark needs (datasets/README.md#cc152k).
 
 NCR's archive ``NCR-data.tar`` holds ``cc152k_precomp/{train,dev,test}_caps.tsv`` (``id<TAB>caption``) and
 ``{split}_ims.npy``: precomputed Faster R-CNN region features, which a CLIP model cannot use, and no images.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ncbench.data import Dataset, Pairs, Split, cached_images, index_images
+from ncbench.data import Dataset, Pairs, Split, cached_images, index_images, inside
 from ncbench.datasets.scan import SPLITS, file_pairs
 from ncbench.errors import UserError
 
@@ -34,7 +34,7 @@ class CC152K(Dataset):
         for split in SPLITS:
             ids, captions = _rows(root, split)
             image_ids, caption_image = index_images(ids)
-            files = [root / "images" / f"{i}.jpg" for i in image_ids]
+            files = [inside(root / "images", root / "images" / f"{i}.jpg", f"{root} {split} ids") for i in image_ids]
             splits[split] = Split(cached_images(files, resolution, cache_dir, f"{self.name}-{split}"),
                                   tuple(captions), caption_image)
         return file_pairs(self, root, splits)
@@ -52,6 +52,8 @@ def _rows(root: Path, split: str) -> tuple[list[str], list[str]]:
             for n, row in enumerate(csv.reader(f, delimiter="\t"), 1):
                 if len(row) < 2 or not row[0].strip():
                     raise UserError(f"{path}: line {n} is not id<TAB>caption")
+                if not row[1].strip():
+                    raise UserError(f"{path}: line {n}: the caption is empty; every caption needs text")
                 ids.append(row[0].strip())
                 captions.append(row[1].strip())
     except UnicodeDecodeError as err:

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ncbench.data import Dataset, Pairs, Split, cached_images
+from ncbench.data import Dataset, Pairs, Split, cached_images, check_captions, inside
 from ncbench.datasets.scan import SPLITS, file_pairs
 from ncbench.errors import UserError
 
@@ -45,10 +45,12 @@ class KarpathyJSON(Dataset):
                 raise UserError(f"{path}: images[{n}] has split {split!r}; expected one of {', '.join(SPLIT_OF)}")
             if not sentences:
                 raise UserError(f"{path}: images[{n}] ({name}) has no sentences")
+            check_captions(sentences, f"{path}: images[{n}] ({name})")
             split = SPLIT_OF[split]
             caption_image[split] += [len(files[split])] * len(sentences)
             captions[split] += sentences
-            files[split].append(_image_file(root / "images", entry.get("filepath", ""), name))
+            files[split].append(inside(root / "images", _image_file(root / "images", entry.get("filepath", ""), name),
+                                       f"{path}: images[{n}]"))
         splits = {}
         for split in SPLITS:
             if not files[split]:

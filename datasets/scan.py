@@ -1,4 +1,4 @@
-"""Flickr30K, MS-COCO and CC120K in the SCAN-split layout that the NPC code reads (npc.md §1.1–1.3).
+"""Flickr30K, MS-COCO and CC120K in the SCAN-split layout that the NPC code reads (datasets/README.md#scan-split).
 
 ``<root>/annotations/scan_split/{train,dev,test}_{caps,ids}.txt`` and ``<root>/images/``; the image file
 of an id is NPC's ``id2name``: ``image_name.txt[id]`` (F30K), ``COCO_2014_<id:012d>.jpg`` (COCO),
@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from ncbench.data import Dataset, Pairs, Split, cached_images, index_images, read_lines
+from ncbench.data import Dataset, Pairs, Split, cached_images, check_captions, index_images, inside, read_lines
 from ncbench.errors import UserError
 
 SPLITS = ("train", "dev", "test")
-COCO_TEST_IMAGES = 5000  # coco-1k = 5 folds of 1,000 images of the 5K test split (npc.md §5 item 9)
+COCO_TEST_IMAGES = 5000  # coco-1k = 5 folds of 1,000 images of the 5K test split (docs/evaluation.md#coco-1k)
 
 
 def coco_protocols(test: Split) -> tuple[tuple[str, ...], dict]:
@@ -34,7 +34,7 @@ def file_pairs(adapter: Dataset, root: Path, splits: dict[str, Split]) -> Pairs:
 
 
 class ScanSplit(Dataset):
-    """Base of the SCAN-split adapters: captions and ids per split, one images folder (npc.md §1.1)."""
+    """Base of the SCAN-split adapters: captions and ids per split, one images folder (datasets/README.md#scan-split)."""
 
     layout = "SCAN-split (NPC)"
     markers = ("annotations/scan_split/train_caps.txt",)
@@ -49,16 +49,18 @@ class ScanSplit(Dataset):
             captions = read_lines(ann / f"{split}_caps.txt")
             if not captions:
                 raise UserError(f"{ann / f'{split}_caps.txt'}: no captions")
+            check_captions(captions, ann / f"{split}_caps.txt")
             ids = self._caption_ids(read_lines(ann / f"{split}_ids.txt"), len(captions), ann / f"{split}_ids.txt")
             image_ids, caption_image = index_images(ids)
-            files = [root / "images" / name for name in self.file_names(image_ids, ann, ann / f"{split}_ids.txt")]
+            files = [inside(root / "images", root / "images" / name, ann / f"{split}_ids.txt")
+                     for name in self.file_names(image_ids, ann, ann / f"{split}_ids.txt")]
             splits[split] = Split(cached_images(files, resolution, cache_dir, f"{self.name}-{split}"),
                                   tuple(captions), caption_image)
         return file_pairs(self, root, splits)
 
     def _caption_ids(self, ids: list[str], n_captions: int, ids_file: Path) -> list[str]:
         """One image id per caption: NPC's train ids list each image once (repeated ``num_anns`` times),
-        its dev/test ids list one id per caption (npc.md §1.2, §1.3); either form is read for any split."""
+        its dev/test ids list one id per caption (datasets/README.md#scan-split); either form is read for any split."""
         k = self.captions_per_image
         if len(ids) == n_captions:
             return ids
@@ -83,7 +85,7 @@ def _int_id(image_id: str, ids_file: Path, what: str) -> int:
 
 
 class ScanF30K(ScanSplit):
-    """Flickr30K, SCAN split (1,000 test images, 5 captions each), test protocol 1K (npc.md §5 item 10)."""
+    """Flickr30K, SCAN split (1,000 test images, 5 captions each), test protocol 1K (docs/evaluation.md#protocols)."""
 
     name = "f30k"
     description = "Flickr30K, SCAN-split layout of the NPC code (annotations/scan_split, image_name.txt, images/)"
@@ -101,7 +103,7 @@ class ScanF30K(ScanSplit):
 
 
 class ScanCOCO(ScanSplit):
-    """MS-COCO, SCAN split with the 5K test split: protocols COCO 1K (5 folds) and 5K (npc.md §5 items 8–9)."""
+    """MS-COCO, SCAN split with the 5K test split: protocols COCO 1K (5 folds) and 5K (docs/evaluation.md#protocols)."""
 
     name = "coco"
     description = "MS-COCO, SCAN-split layout of the NPC code (images renamed COCO_2014_<12-digit id>.jpg)"

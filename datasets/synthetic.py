@@ -7,9 +7,10 @@ templates and synonyms.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ncbench.atomic import atomic_write
 from ncbench.seeding import derive_seed
 from ncbench.data import Dataset, Pairs, Split
 
@@ -234,15 +236,20 @@ def _cached(cache_dir: Path, distribution: str, n_images: int, seed: int, image_
     key = f"{distribution}-n{n_images}-s{seed}-px{image_size}{wording}-v{GENERATOR_VERSION}"
     path = Path(cache_dir) / "synthetic" / f"{key}.npz"
     if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return Split(z["images"], tuple(z["captions"].tolist()), z["caption_image"])
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return Split(z["images"], tuple(z["captions"].tolist()), z["caption_image"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # ncbench made it: rebuild it
+            warnings.warn(f"{path}: unreadable synthetic-data cache ({type(e).__name__}); rebuilding it")
     split = generate(distribution, n_images, seed, image_size, pretrain_wording)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, images=split.images, captions=np.array(split.captions),
-                            caption_image=split.caption_image)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=split.images, captions=np.array(split.captions),
+                                caption_image=split.caption_image)
+
+    atomic_write(path, write)
     return split
 
 
