@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import time
 import warnings
 from pathlib import Path
@@ -67,7 +68,7 @@ def load(path: Path) -> dict | None:
             raise UserError(f"{path}: holds objects other than tensors and plain data, which ncbench never writes; "
                             "refusing to load it (delete it to restart the run)") from None
         reason = e
-    except (EOFError, RuntimeError, OSError, ValueError, KeyError, AttributeError) as e:
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, AttributeError, struct.error) as e:
         reason = e
     aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(path, aside)

@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import io
 import re
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +296,15 @@ def load_artefact(path: Path, split: Split) -> NoisyPairing:
     return noise
 
 
+def _readable_artefact(path: Path, split: Split) -> NoisyPairing | None:
+    """The stored artefact at ``path``, or None with a warning when the file cannot be read (it is rebuilt)."""
+    try:
+        return load_artefact(path, split)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UserError) as e:
+        warnings.warn(f"{path}: unreadable noise artefact ({e}); rebuilding it")
+        return None
+
+
 def context_for(pairs: Pairs, split: str, model: str, pretrained: str, cache_dir: Path) -> NoiseContext:
     """The context of ``split``: the dataset's image attributes if it has them, else the model's embeddings."""
     data = getattr(pairs, split)
@@ -344,11 +355,25 @@ def obtain(pairs: Pairs, protocol: str, ratio: float, seed: int, cache_dir: Path
     uses_similarity = not imported and getattr(protocol_function(protocol), "uses_similarity", False)
     source = context.similarity_source if uses_similarity and ratio > 0 else ""
     path = artefact_path(cache_dir, pairs.name, split, digest, protocol, ratio, seed, source)
-    if path.is_file() and (mode != "make" or imported):
+    cheap = not uses_similarity or context.attributes is not None  # derived in a moment: checked on every load
+    if path.is_file() and imported:
         noise = load_artefact(path, data)
-        if imported and noise.ratio != ratio:
+        if noise.ratio != ratio:
             raise UserError(f"--noise {ratio:g}: imported noise {protocol} has nominal ratio {noise.ratio:g}")
         return noise, path
+    if path.is_file() and mode != "make":
+        stored = _readable_artefact(path, data)
+        if stored is not None and not cheap:
+            return stored, path
+        derived = dataclasses.replace(make_noise(protocol, data.caption_image, ratio, seed, pairs.name, context),
+                                      split=split, data_digest=digest)
+        if stored is not None and stored.digest == derived.digest:
+            return stored, path
+        if stored is not None:
+            warnings.warn(f"{path}: stored noise artefact differs from what its protocol derives "
+                          f"(digest {stored.digest[:12]}, derived {derived.digest[:12]}); replaced by the derived one")
+        path.unlink()
+        return derived, store(derived, path)
     if imported:
         raise UserError(f"--noise-protocol {protocol}: no imported noise of that name for this {pairs.name} {split} "
                         f"split; import the file with --noise-file or `ncbench noise import`")

@@ -8,7 +8,10 @@ changed architecture is pretrained on the synthetic corpus once and cached. ``nc
 from __future__ import annotations
 
 import math
+import pickle
+import struct
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,10 @@ def pretrained_state(name: str, cache_dir: Path, spec: PretrainSpec | None = Non
         return load_file(shipped)
     path = cache_path(name, cache_dir, spec)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, struct.error) as e:  # ncbench made it: make it again
+            warnings.warn(f"{path}: unreadable pretrained-weights cache ({type(e).__name__}); pretraining again")
     return pretrain(name, cache_dir, spec)
 
 
