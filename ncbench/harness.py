@@ -81,9 +81,10 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path, options: RunOptions = R
         done = load_record(run_dir)  # it may have finished while this process waited
         if done is not None and done.get("status") == "complete":
             return done
+        saved = checkpoint.load(run_dir / CHECKPOINT)  # a refused checkpoint stops the run before any work
         prep = prepare(cfg, cache_dir, world)
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused configuration leaves no folder behind
-        state = start_or_resume(prep, run_dir / CHECKPOINT)
+        state = start_or_resume(prep, saved)
         steps_done = sum(e["steps"] for e in state["history"])
         with tracking.open_tracker(options.log if world.is_main else None, run_dir, cfg.identity(),
                                    resumed_steps=steps_done) as tracker:
@@ -150,10 +151,10 @@ def prepare(cfg: RunConfig, cache_dir: Path, world: distributed.World) -> Prepar
     return Prepared(cfg, pairs, clean, noise, method, ctx, tokens, weights_digest(backbone.model), world, timing)
 
 
-def start_or_resume(prep: Prepared, path: Path) -> dict:
-    """The loop state: from the run's checkpoint (models, optimisers, method, RNGs restored), or fresh with the
-    zero-shot test metrics. Setup timings add up over every process that worked on the run."""
-    state = checkpoint.load(path)
+def start_or_resume(prep: Prepared, state: dict | None) -> dict:
+    """The loop state: from the run's checkpoint ``state`` (models, optimisers, method, RNGs restored), or fresh
+    with the zero-shot test metrics when there is none. Setup timings add up over every process that worked on
+    the run."""
     if state is None:
         clock = time.perf_counter()
         zero_shot = prep.test_metrics(prep.ctx.models[:1])[0] if prep.world.is_main else None
