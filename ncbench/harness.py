@@ -78,9 +78,10 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path, options: RunOptions = R
     check(cfg, world)
     tracking.check_tracker(options.log)
     with lock.hold(run_dir, enabled=world.is_main):  # a second process on the same run stops here
-        done = load_record(run_dir)  # it may have finished while this process waited
+        done = load_record(run_dir)
         if done is not None and done.get("status") == "complete":
-            return done
+            raise lock.FinishedElsewhere(f"run {cfg.run_id} was finished by another process meanwhile; "
+                                         f"its record: {run_dir / RECORD}")
         saved = checkpoint.load(run_dir / CHECKPOINT)  # a refused checkpoint stops the run before any work
         prep = prepare(cfg, cache_dir, world)
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused configuration leaves no folder behind

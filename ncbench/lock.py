@@ -20,6 +20,10 @@ class RunLocked(UserError):
     """The run is being trained by another process."""
 
 
+class FinishedElsewhere(RunLocked):
+    """Another process finished the run between this process's first look and its taking the lock."""
+
+
 def lock_path(run_dir: Path) -> Path:
     return run_dir.parent / LOCKS / f"{run_dir.name}.lock"
 
