@@ -6,8 +6,8 @@ metadata). :func:`export_model` writes one state dict where open_clip finds it:
 
 - ``--out model.pt`` / ``.pth`` / ``.bin`` (a plain state dict, read with ``weights_only=True``) or
   ``--out model.safetensors``: ``open_clip.create_model_and_transforms(ARCH, pretrained="model.pt")``. For ncbench's
-  own tiny architectures the config is written beside it as ``<ARCH>.json``: ``import ncbench`` first (it registers
-  them), or ``open_clip.add_model_config("<ARCH>.json")``.
+  own tiny architectures the config is written beside it as ``<ARCH>.json``: ``import ncbench.architecture`` first (it
+  registers them), or ``open_clip.add_model_config("<ARCH>.json")``.
 - ``--out FOLDER`` (no suffix): open_clip's hub layout, ``open_clip_config.json`` + ``open_clip_model.safetensors``,
   loaded with ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` and nothing else.
 """
@@ -155,7 +155,7 @@ def usage_notes(model_name: str, out: Path, n_files: int, count: int, member: in
     from ncbench.architecture import has_compact_vocabulary
 
     if Path(out).suffix:
-        config = "  (import ncbench first, or open_clip.add_model_config on the .json)" if n_files > 1 else ""
+        config = "  (import ncbench.architecture first, or open_clip.add_model_config on the .json)" if n_files > 1 else ""
         notes = [f'load: open_clip.create_model_and_transforms("{model_name}", pretrained="{out}"){config}']
     else:
         notes = [f'load: open_clip.create_model_and_transforms("local-dir:{out}")']
