@@ -10,17 +10,22 @@ tokenizer.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import open_clip
 import torch
 from torch import Tensor, nn
 
 from ncbench.architecture import (OPENAI_MEAN, OPENAI_STD, TINY_MODELS, BackboneError, has_compact_vocabulary,
                                   image_size, input_size, model_config)
+from ncbench.data import ImageNormalizer
+from ncbench.device import select_device
 from ncbench.pretrain import pretrained_state
+from ncbench.recipe import current_spec
+from ncbench.seeding import stable_hash
 from ncbench.tokenizer import tiny_tokenizer
 
 __all__ = ["Backbone", "BackboneError", "input_size", "load_backbone", "tiny_tokenizer", "weights_source"]
@@ -65,6 +70,30 @@ def weights_source(name: str, pretrained: str) -> str | None:
         raise BackboneError(f"--pretrained: no such checkpoint file {path}")
     raise BackboneError(f"--pretrained {pretrained!r}: not a checkpoint file nor a tag of {name} "
                         f"(tags: {', '.join(tags) or 'none'})")
+
+
+@dataclass(frozen=True)
+class ModelImageEmbedder:
+    """A model's image embeddings for noise protocols (``ncbench.noise.ImageEmbedder``); loads the model on use."""
+
+    model: str
+    pretrained: str
+    cache_dir: Path
+
+    @property
+    def name(self) -> str:
+        spec = asdict(current_spec()) if self.pretrained == "embedded" else None
+        return f"{self.model}-{stable_hash(self.model, self.pretrained, spec, length=8)}"
+
+    def embed(self, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """L2-normalised float32 image embeddings (n_images x d), in eval mode."""
+        backbone = load_backbone(self.model, self.pretrained, self.cache_dir)
+        device = select_device()
+        model = backbone.model.to(device).eval()
+        normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
+        with torch.no_grad():
+            return torch.cat([model.encode_image(normalize(images[i:i + chunk]), normalize=True).float().cpu()
+                              for i in range(0, len(images), chunk)]).numpy()
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -191,7 +191,10 @@ def _noise_artefact(protocol: str, noise: float, seed: int, dataset: str, data_r
     from ncbench.noise import obtain
 
     pairs = _load_pairs(dataset, data_root, cache_dir, model)
-    artefact, path = obtain(pairs, protocol, noise, seed, cache_dir, model=model, pretrained=pretrained, mode=mode)
+    from ncbench.backbone import ModelImageEmbedder
+
+    artefact, path = obtain(pairs, protocol, noise, seed, cache_dir, embedder=ModelImageEmbedder(model, pretrained, cache_dir),
+                            mode=mode)
     return pairs, artefact, path
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ncbench import checkpoint, distributed, evaluate, export, lock, tracking
-from ncbench.backbone import input_size, load_backbone, weights_digest, weights_source
+from ncbench.backbone import ModelImageEmbedder, input_size, load_backbone, weights_digest, weights_source
 from ncbench.config import RunConfig, RunOptions, check_clean_fraction
 from ncbench.data import ImageNormalizer, Pairs, Split
 from ncbench.device import autocast_for, select_device
@@ -128,8 +128,8 @@ def prepare(cfg: RunConfig, cache_dir: Path, world: distributed.World) -> Prepar
         if cfg.batch_size > pairs.train.n_captions:
             raise UserError(f"--batch-size {cfg.batch_size}: larger than the {pairs.train.n_captions} training pairs "
                             f"of {cfg.dataset}; no step could be taken")
-        noise = obtain(pairs, cfg.noise_protocol, cfg.noise, cfg.seed, cache_dir, model=cfg.model,
-                       pretrained=cfg.pretrained)[0]
+        noise = obtain(pairs, cfg.noise_protocol, cfg.noise, cfg.seed, cache_dir,
+                       embedder=ModelImageEmbedder(cfg.model, cfg.pretrained, cache_dir))[0]
         timing["data_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         backbone = load_backbone(cfg.model, cfg.pretrained, cache_dir)

@@ -21,13 +21,14 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from ncbench.atomic import atomic_write
 from ncbench.data import Pairs, Split
 from ncbench.errors import UserError
-from ncbench.seeding import derive_seed, stable_hash
+from ncbench.seeding import derive_seed
 
 HARD_NEIGHBOURS = 32  # candidate images per image in the ``hard`` protocol (docs/noise.md)
 IMPORTED = "file-"  # protocol-name prefix of imported noise: file-<first 12 hex digits of its digest>
@@ -305,52 +306,35 @@ def _readable_artefact(path: Path, split: Split) -> NoisyPairing | None:
         return None
 
 
-def context_for(pairs: Pairs, split: str, model: str, pretrained: str, cache_dir: Path) -> NoiseContext:
-    """The context of ``split``: the dataset's image attributes if it has them, else the model's embeddings."""
+class ImageEmbedder(Protocol):
+    """A pretrained model's view of images, for protocols that need image similarity on data without attributes
+    (``ncbench.backbone.image_embedder`` makes one)."""
+
+    name: str  # names the model and its weights: part of the artefact's folder name
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 embeddings (n_images x d) of uint8 images."""
+
+
+def context_for(pairs: Pairs, split: str, embedder: ImageEmbedder | None = None) -> NoiseContext:
+    """The context of ``split``: the dataset's image attributes if it has them, else ``embedder``'s embeddings."""
     data = getattr(pairs, split)
-    attributes = pairs.image_attributes.get(split)
-    spec = None
-    if pretrained == "embedded":
-        from ncbench.recipe import current_spec
-
-        spec = dataclasses.asdict(current_spec())
-    embedder = f"{model}-{stable_hash(model, pretrained, spec, length=8)}"
-
-    def embed() -> np.ndarray:
-        from ncbench.backbone import load_backbone
-
-        return image_embeddings(load_backbone(model, pretrained, cache_dir), data.images)
-
-    return NoiseContext(data, attributes, embed, embedder)
-
-
-def image_embeddings(backbone, images: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """L2-normalised image embeddings (float32, n_images × d) of a backbone in eval mode."""
-    import torch
-
-    from ncbench.data import ImageNormalizer
-    from ncbench.device import select_device
-
-    device = select_device()
-    model = backbone.model.to(device).eval()
-    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
-    with torch.no_grad():
-        return torch.cat([model.encode_image(normalize(images[i:i + chunk]), normalize=True).float().cpu()
-                          for i in range(0, len(images), chunk)]).numpy()
+    embed = None if embedder is None else (lambda: embedder.embed(data.images))
+    return NoiseContext(data, pairs.image_attributes.get(split), embed, embedder.name if embedder else "")
 
 
 def obtain(pairs: Pairs, protocol: str, ratio: float, seed: int, cache_dir: Path, split: str = "train",
-           model: str = "ncbench-tiny", pretrained: str = "embedded", mode: str = "get") -> tuple[NoisyPairing, Path]:
+           embedder: ImageEmbedder | None = None, mode: str = "get") -> tuple[NoisyPairing, Path]:
     """The shared artefact of (dataset, split, protocol, ratio, seed) and its path.
 
     ``mode``: ``get`` loads it if stored, else builds and stores it (what runs do); ``make`` builds it and
     stores it, refusing if a different artefact is stored under its name; ``load`` only loads.
-    ``model``/``pretrained`` matter only to protocols that need image similarity on data without attributes.
+    ``embedder`` matters only to protocols that need image similarity on data without attributes.
     Imported noise (``file-…``) is only loaded; its nominal ratio must be ``ratio``.
     """
     data = getattr(pairs, split)
     digest = data_digest(data)
-    context = context_for(pairs, split, model, pretrained, cache_dir)
+    context = context_for(pairs, split, embedder)
     imported = protocol.startswith(IMPORTED)
     uses_similarity = not imported and getattr(protocol_function(protocol), "uses_similarity", False)
     source = context.similarity_source if uses_similarity and ratio > 0 else ""

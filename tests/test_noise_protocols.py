@@ -12,7 +12,7 @@ import torch
 
 from ncbench import evaluate
 from ncbench import noise as N
-from ncbench.backbone import load_backbone
+from ncbench.backbone import ModelImageEmbedder, load_backbone
 from ncbench.config import RunConfig
 from ncbench.data import ImageNormalizer, Split
 from ncbench.datasets.synthetic import SHAPES, _SHAPE_W
@@ -29,7 +29,7 @@ def mini():
 
 
 def _make(pairs, protocol: str, ratio: float, seed: int = 0, context=None):
-    context = context or N.context_for(pairs, "train", "ncbench-tiny", "embedded", CACHE)
+    context = context or N.context_for(pairs, "train", ModelImageEmbedder("ncbench-tiny", "embedded", CACHE))
     return N.make_noise(protocol, pairs.train.caption_image, ratio, seed, pairs.name, context)
 
 
@@ -102,7 +102,7 @@ def test_store_shares_and_refuses_a_different_artefact(mini, tmp_path):
     made, _ = N.obtain(mini, "hard", 0.4, 0, tmp_path, mode="make")  # rebuilt: identical, so kept
     assert made.digest == noise.digest
     other = N.make_noise("hard", mini.train.caption_image, 0.4, 7, mini.name,
-                         N.context_for(mini, "train", "ncbench-tiny", "embedded", tmp_path))
+                         N.context_for(mini, "train", ModelImageEmbedder("ncbench-tiny", "embedded", tmp_path)))
     with pytest.raises(UserError, match="different noise artefact already has this name"):
         N.store(other, path)
     assert N.NoisyPairing.load(path).digest == noise.digest
