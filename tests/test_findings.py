@@ -1,0 +1,68 @@
+"""The README's findings are what the committed records say: each figure is recomputed here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ncbench import report
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "results" / "reference"
+
+
+@pytest.fixture(scope="module")
+def findings() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### What the benchmark finds")
+    return " ".join(text[start:text.index("How to read the statistics", start)].split())
+
+
+def _compare(a: str, b: str):
+    frame = report.compare(REFERENCE, a, b, noise_protocol="caption-shuffle")
+    return {round(r.noise, 2): r for r in frame.itertuples()}
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def _interval(r) -> str:
+    return f"{_signed(r.difference)} [{_signed(r.lo)}, {_signed(r.hi)}]"
+
+
+def test_filtering_pays_off_more_the_noisier_the_data(findings):
+    rows = _compare("gmm-filter", "clip")
+    for ratio in (0.2, 0.4, 0.6):
+        assert _interval(rows[ratio]) in findings and rows[ratio].p_holm <= 0.009
+    assert _interval(rows[0.0]) in findings and rows[0.0].p > 0.05
+
+
+def test_weighting_and_filtering_are_not_separable(findings):
+    rows = _compare("gmm-weight", "gmm-filter")
+    assert _interval(rows[0.6]) in findings and f"p = {rows[0.6].p:.3f}" in findings
+    assert max(abs(r.difference) for r in rows.values()) == pytest.approx(rows[0.6].difference)
+    assert f"p ≥ {min(r.p for r in rows.values()):.3f}" in findings
+
+
+def test_ncr_trails_one_filtered_model(findings):
+    rows = _compare("ncr", "gmm-filter")
+    assert _interval(rows[0.4]) in findings and f"Holm p = {rows[0.4].p_holm:.3f}" in findings
+    assert f"{_signed(rows[0.2].difference)} at 20 %" in findings and f"{_signed(rows[0.6].difference)} at 60 %" in findings
+    assert f"p = {rows[0.2].p:.3f}, {rows[0.6].p:.3f}" in findings
+
+
+def test_npc_leads_clip_without_significance(findings):
+    rows = _compare("npc", "clip")
+    assert _interval(rows[0.2]) in findings
+    assert f"{_signed(rows[0.4].difference)} at 40 %" in findings and f"{_signed(rows[0.6].difference)} at 60 %" in findings
+    assert min(r.p_holm for r in rows.values()) >= 0.16
+
+
+def test_retention(findings):
+    frame = report.load_runs(REFERENCE)
+    (table,) = report.tables(frame[frame.noise_protocol == "caption-shuffle"], "rsum")
+    for method in ("clip", "gmm-filter", "gmm-weight"):
+        retention = table.robustness[(False, method)][1]
+        stated = f"{100 * retention.value:.1f} % [{100 * retention.lo:.1f}, {100 * retention.hi:.1f}]"
+        assert stated in findings, (method, stated)
