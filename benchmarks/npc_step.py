@@ -1,12 +1,19 @@
 """Time one training step of ``clip``, ``npc``, ``npc-official`` and the unfused official reference (docs/methods/npc.md#cost).
 
-All four start from the same randomly initialised ncbench-tiny and take the same batches (batch 128) of the
-embedded synthetic world at 20 % caption-shuffle noise, in one process. The methods' steps run through the
+All four start from the same ncbench-tiny (randomly initialised, or with ``--pretrained embedded`` the weights a
+run fine-tunes) and take the same batches (batch 128) of the embedded synthetic world at 20 % caption-shuffle
+noise, in one process. The methods' steps run through the
 harness's ``train_step`` (the reference, tests/npc_official_unfused.py, runs its own), interleaved batch by batch
 so that load changes on a shared machine hit all alike; after the warm-up steps the median per method is reported.
 The two NPC methods share one encoding of the training set for their memory banks. The last lines are the ratios.
 
-    NCBENCH_CACHE=.ncbench-cache python benchmarks/npc_step.py [--steps 8] [--warmup 2] [--threads 1]
+The bank, and with it the memory batches, depend on the initial weights: the random model's ``npc-official`` bank
+(norms kept) sends the pairs to few clean pairs (about 125 distinct images and 127 captions per step at batch 128),
+the pretrained model's, the one a run builds, to about 200 images and 227 captions, so ``--pretrained embedded``
+gives the per-step cost of a run (docs/methods/npc.md#cost). The counts printed are ``npc-official``'s.
+
+    NCBENCH_CACHE=.ncbench-cache python benchmarks/npc_step.py [--steps 8] [--warmup 2] [--threads 1] \
+        [--pretrained embedded]
 """
 from __future__ import annotations
 
@@ -43,11 +50,11 @@ def _load_reference() -> type:
     return module.UnfusedNPCOfficial
 
 
-def _train_set() -> tuple[TrainSet, torch.nn.Module]:
-    """The embedded synthetic world's training split at 20 % caption-shuffle noise, and a randomly initialised
-    ncbench-tiny (seeded)."""
+def _train_set(pretrained: str = "none") -> tuple[TrainSet, torch.nn.Module]:
+    """The embedded synthetic world's training split at 20 % caption-shuffle noise, and ncbench-tiny with
+    ``pretrained`` weights ("none": randomly initialised, seeded)."""
     torch.manual_seed(0)
-    backbone = load_backbone("ncbench-tiny", "none", DEFAULT_CACHE)
+    backbone = load_backbone("ncbench-tiny", pretrained, DEFAULT_CACHE)
     pairs = DATASETS.get("synthetic")().load(None, DEFAULT_CACHE)
     pairing = make_noise("caption-shuffle", pairs.train.caption_image, 0.2, 0, pairs.name)
     normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, torch.device("cpu"))
@@ -66,10 +73,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--pretrained", default="none", help="initial weights: none (random) or embedded (a run's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    train, initial = _train_set()
+    train, initial = _train_set(args.pretrained)
     lr = {cls: cls.run_defaults.get("lr", RunConfig.lr) for cls in (CLIPFineTune, NPC, NPCOfficial)}
     methods: dict[str, Method] = {}
     for name, cls in (("clip", CLIPFineTune), ("npc", NPC), ("npc-official", NPCOfficial)):
@@ -92,7 +100,9 @@ def main() -> None:
             break
         batch = train.batch(index)
         rows = official.memory_rows(batch)
-        distinct.append((len(np.unique(train.pair_image[rows])), len(np.unique(rows))))
+        images, captions = np.unique(train.pair_image[rows]), np.unique(rows)
+        distinct.append((len(images), len(captions), len(np.setdiff1d(images, train.pair_image[batch.index.numpy()])),
+                         len(np.setdiff1d(captions, batch.index.numpy()))))
         for name, method in methods.items():
             clock = time.perf_counter()
             train_step(method, batch, method.ctx.lr, method.run_defaults.get("grad_clip", 0.0))
@@ -102,9 +112,11 @@ def main() -> None:
         times["reference"].append(time.perf_counter() - clock)
 
     median = {name: statistics.median(t[args.warmup:]) for name, t in times.items()}
-    images, captions = np.mean(distinct, axis=0)
-    print(f"per step, memory pairs {2 * BATCH}: {images:.0f} distinct images, {captions:.0f} distinct captions")
-    print(f"median step over {args.steps} steps after {args.warmup} warm-up, {args.threads} thread(s): "
+    images, captions, new_images, new_captions = np.mean(distinct, axis=0)
+    print(f"per step, memory pairs {2 * BATCH}: {images:.0f} distinct images, {captions:.0f} distinct captions; "
+          f"beyond the batch's: {new_images:.0f} images, {new_captions:.0f} captions")
+    print(f"median step over {args.steps} steps after {args.warmup} warm-up, {args.threads} thread(s), "
+          f"initial weights {args.pretrained}: "
           + ", ".join(f"{name} {1000 * t:.0f} ms" for name, t in median.items()))
     gap = max((a - b).abs().max().item() for a, b in zip(official.ctx.models[0].parameters(), reference.model.parameters()))
     print(f"npc-official vs reference after {len(times['clip'])} steps: max |parameter difference| {gap:.1e}")
