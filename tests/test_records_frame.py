@@ -60,7 +60,7 @@ def test_records_as_a_frame(fresh_run, tmp_path):
     record = json.loads((Path(row.path) / "result.json").read_text())
     assert row.test_1k_rsum == record["test"]["1k"]["rsum"] and row.seed == record["config"]["seed"]
     assert row.zero_shot_1k_i2t_r1 == record["zero_shot"]["1k"]["i2t_r1"] and row.protocol == record["noise"]["protocol"]
-    assert row.timing_train_s == record["timing"]["train_s"] and row.schema == 1
+    assert row.timing_train_s == record["timing"]["train_s"] and row.schema == record["schema"]
     table = frame.groupby(["method", "ratio"])["test_1k_rsum"].agg(["mean", "std"])  # the docstring's example
     clean_clip = frame[(frame.method == "clip") & (frame.ratio == 0)]
     assert table.loc[("clip", 0.0), "mean"] == pytest.approx(clean_clip.test_1k_rsum.mean())
