@@ -20,10 +20,10 @@ from scipy.special import logsumexp
 from torch import Tensor, nn
 
 from ncbench.errors import UserError
-from ncbench.losses import pair_logits, per_pair_infonce, per_pair_soft_infonce
-from ncbench.method import Batch, Context, Method, StepOutput, shuffled_batches
+from ncbench.losses import pair_logits, per_pair_infonce
+from ncbench.method import Batch, Context, StepOutput, shuffled_batches
 from ncbench.methods.mscn import fit_beta
-from ncbench.methods.ncr import NCRParams
+from ncbench.methods.ncr import CoDivided, NCRParams, cycled
 from ncbench.mixture import divide as gmm_divide
 from ncbench.mixture import division_threshold
 from ncbench.seeding import derive_seed
@@ -141,7 +141,7 @@ def selected_infonce(logits: Tensor, rate: float) -> Tensor:
     return loss[keep].sum() / len(loss)
 
 
-class BiCro(Method):
+class BiCro(CoDivided):
     """``bicro``: models A and B as in ``ncr`` (co-divide at each epoch start; each trains on the other's clean pairs,
     and from epoch ``epochs // 2`` on also on a cycled batch of its noisy pairs), with BiCro's changes: a Beta
     mixture divides, and the soft labels come from anchor consistency in the peer's embeddings (eval-mode forward;
@@ -154,7 +154,6 @@ class BiCro(Method):
     name = "bicro"
     description = "BiCro on CLIP: two co-divided models, Beta-mixture division, anchor-consistency soft labels"
     Params = BiCroParams
-    num_models = 2
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -185,7 +184,7 @@ class BiCro(Method):
             plans[key] = list(shuffled_batches(rng, np.flatnonzero(clean), size))
             noisy = np.flatnonzero(~clean)
             if epoch >= self.ctx.epochs // 2 and len(noisy) > 0:
-                plans[f"{key}_unlabeled"] = _cycled(rng, noisy, size, len(plans[key]))
+                plans[f"{key}_unlabeled"] = cycled(rng, noisy, size, len(plans[key]))
         for k in range(max(len(plans["a"]), len(plans["b"]))):
             yield {name: part[k] for name, part in plans.items() if k < len(part)}
 
@@ -217,35 +216,3 @@ class BiCro(Method):
                                           y_u)
             labels["y_unlabeled"] = y_u.mean()
         return loss, labels
-
-    def _soft_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        if self.params.soft_loss == "weighted":
-            return (y * per_pair_infonce(logits)).mean()
-        return per_pair_soft_infonce(logits, y).mean()
-
-    def clean_scores(self) -> np.ndarray | None:
-        """Mean of A's and B's clean posteriors (each model's division trains the other); None during warm-up."""
-        return None if self.w is None else self.w.mean(0)
-
-    def clean_threshold(self) -> float:
-        return self.params.p_threshold
-
-    def eval_models(self) -> list[nn.Module]:
-        """Both models: the harness evaluates their averaged cosine similarity (BiCro's ``validate``)."""
-        return list(self.ctx.models)
-
-    def state_dict(self) -> dict:
-        return {"w": self.w}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.w = state["w"]
-
-
-def _cycled(rng: np.random.Generator, pairs: np.ndarray, size: int, count: int) -> list[np.ndarray]:
-    """``count`` shuffled batches of ``min(size, len(pairs))`` from ``pairs``, reshuffled at each pass (BiCro cycles
-    its unlabeled loader)."""
-    size = min(size, len(pairs))
-    out: list[np.ndarray] = []
-    while len(out) < count:
-        out.extend(shuffled_batches(rng, pairs, size))
-    return out[:count]

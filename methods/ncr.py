@@ -48,7 +48,38 @@ def ncr_confidence(sim: Tensor, alpha: float) -> Tensor:
     return (p / top.clamp(min=torch.finfo(p.dtype).tiny)).clamp(max=1)
 
 
-class NCR(Method):
+class CoDivided(Method):
+    """Two models, each trained on the division its peer makes (NCR's co-divide, shared by ``ncr`` and ``bicro``):
+    the soft-label loss, the pair scores, the ensemble evaluation and the state they share."""
+
+    num_models = 2
+    w: np.ndarray | None  # (2, N): w[m] is the clean posterior under model m; None during warm-up
+
+    def _soft_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        if self.params.soft_loss == "weighted":
+            return (y * per_pair_infonce(logits)).mean()
+        return per_pair_soft_infonce(logits, y).mean()
+
+    def clean_scores(self) -> np.ndarray | None:
+        """Mean of A's and B's clean posteriors (each model's division trains the other); None during warm-up."""
+        return None if self.w is None else self.w.mean(0)
+
+    def clean_threshold(self) -> float:
+        return self.params.p_threshold
+
+    def eval_models(self) -> list[nn.Module]:
+        """Both models: the harness evaluates their averaged cosine similarity (NCR's ensemble; BiCro's ``validate``)."""
+        return list(self.ctx.models)
+
+    def state_dict(self) -> dict:
+        return {"w": self.w}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w = state["w"]
+
+
+
+class NCR(CoDivided):
     """``ncr`` (docs/methods/ncr.md): models A and B; at each epoch start each one's GMM division (as ``gmm-filter``).
 
     Co-divide: A trains on B's division and B on A's. A model's labeled batches (the peer's clean pairs; they
@@ -68,7 +99,6 @@ class NCR(Method):
     name = "ncr"
     description = "NCR on CLIP: two models, co-divided by per-epoch GMMs, soft correspondence labels in InfoNCE"
     Params = NCRParams
-    num_models = 2
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -91,7 +121,7 @@ class NCR(Method):
             plans[net] = list(shuffled_batches(rng, np.flatnonzero(clean), size))
             noisy = np.flatnonzero(~clean)
             if epoch >= self.ctx.epochs // 2 and len(noisy) > 0:
-                plans[f"{net}_unlabeled"] = _cycled(rng, noisy, size, len(plans[net]))
+                plans[f"{net}_unlabeled"] = cycled(rng, noisy, size, len(plans[net]))
         for k in range(max(len(plans[net]) for net in MODELS)):
             yield {name: batches[k] for name, batches in plans.items() if k < len(batches)}
 
@@ -119,33 +149,11 @@ class NCR(Method):
             loss = loss + self._soft_loss(pair_logits(image, text, net.logit_scale), y)
         return loss
 
-    def _soft_loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        if self.params.soft_loss == "weighted":
-            return (y * per_pair_infonce(logits)).mean()
-        return per_pair_soft_infonce(logits, y).mean()
-
     def _confidence(self, image: Tensor, text: Tensor) -> Tensor:
         return ncr_confidence(image.detach().float() @ text.detach().float().t(), self.params.alpha)
 
-    def clean_scores(self) -> np.ndarray | None:
-        """Mean of A's and B's clean posteriors (each model's division trains the other); None during warm-up."""
-        return None if self.w is None else self.w.mean(0)
 
-    def clean_threshold(self) -> float:
-        return self.params.p_threshold
-
-    def eval_models(self) -> list[nn.Module]:
-        """Both models: the harness evaluates their averaged cosine similarity (NCR's ensemble)."""
-        return list(self.ctx.models)
-
-    def state_dict(self) -> dict:
-        return {"w": self.w}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.w = state["w"]
-
-
-def _cycled(rng: np.random.Generator, pairs: np.ndarray, size: int, count: int) -> list[np.ndarray]:
+def cycled(rng: np.random.Generator, pairs: np.ndarray, size: int, count: int) -> list[np.ndarray]:
     """``count`` shuffled batches of ``min(size, len(pairs))`` from ``pairs``, reshuffled at each pass."""
     size = min(size, len(pairs))
     out: list[np.ndarray] = []

@@ -18,7 +18,7 @@ from ncbench.config import RunConfig, RunOptions, check_clean_fraction
 from ncbench.data import ImageNormalizer, Pairs, Split
 from ncbench.device import autocast_for, select_device
 from ncbench.errors import UserError
-from ncbench.method import Batch, BatchIndex, Context, Method, StepBatch, StepOutput, TrainSet
+from ncbench.method import BatchIndex, Context, Method, StepBatch, StepOutput, TrainSet
 from ncbench.noise import NoisyPairing, obtain
 from ncbench.optim import set_lr, warmup_cosine
 from ncbench.progress import plain_line, progress_bar
