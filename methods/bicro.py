@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ncbench.errors import UserError
 from ncbench.losses import pair_logits, per_pair_infonce
-from ncbench.method import Batch, Context, StepOutput, shuffled_batches
+from ncbench.method import Batch, StepOutput, shuffled_batches
 from ncbench.methods.mscn import fit_beta
 from ncbench.methods.ncr import CoDivided, NCRParams, cycled
 from ncbench.mixture import divide as gmm_divide
@@ -155,15 +155,8 @@ class BiCro(CoDivided):
     description = "BiCro on CLIP: two co-divided models, Beta-mixture division, anchor-consistency soft labels"
     Params = BiCroParams
 
-    def setup(self, ctx: Context) -> None:
-        super().setup(ctx)
-        self.w: np.ndarray | None = None  # (2, N): w[m] is the clean posterior under model m
-
-    def on_epoch_start(self, epoch: int) -> None:
-        if self.params.fits_at(epoch):  # both divisions before either model trains
-            self.w = np.stack([self._divide(model, epoch) for model in self.ctx.models])
-
-    def _divide(self, model: nn.Module, epoch: int) -> np.ndarray:
+    def divide(self, model: nn.Module, epoch: int) -> np.ndarray:
+        """The Beta-mixture (or, with ``mixture=gmm``, GMM) clean posterior of every training pair under ``model``."""
         p = self.params
         if p.mixture == "gmm":
             return gmm_divide(self.ctx, model, epoch, p)

@@ -53,7 +53,18 @@ class CoDivided(Method):
     the soft-label loss, the pair scores, the ensemble evaluation and the state they share."""
 
     num_models = 2
-    w: np.ndarray | None  # (2, N): w[m] is the clean posterior under model m; None during warm-up
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.w: np.ndarray | None = None  # (2, N): w[m] is the clean posterior under model m
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.params.fits_at(epoch):  # both divisions before either model trains
+            self.w = np.stack([self.divide(model, epoch) for model in self.ctx.models])
+
+    def divide(self, model: nn.Module, epoch: int) -> np.ndarray:
+        """Every training pair's clean posterior under ``model``."""
+        raise NotImplementedError
 
     def _soft_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         if self.params.soft_loss == "weighted":
@@ -100,13 +111,9 @@ class NCR(CoDivided):
     description = "NCR on CLIP: two models, co-divided by per-epoch GMMs, soft correspondence labels in InfoNCE"
     Params = NCRParams
 
-    def setup(self, ctx: Context) -> None:
-        super().setup(ctx)
-        self.w: np.ndarray | None = None  # (2, N): w[m] is the clean posterior under model m
-
-    def on_epoch_start(self, epoch: int) -> None:
-        if self.params.fits_at(epoch):  # both divisions before either model trains
-            self.w = np.stack([divide(self.ctx, model, epoch, self.params) for model in self.ctx.models])
+    def divide(self, model: nn.Module, epoch: int) -> np.ndarray:
+        """The GMM clean posterior of every training pair under ``model`` (as ``gmm-filter``)."""
+        return divide(self.ctx, model, epoch, self.params)
 
     def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         size, n = self.ctx.batch_size, len(self.ctx.train)
