@@ -10,7 +10,6 @@ probably matched when its image and its caption are as similar to a confident an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,11 +20,10 @@ from torch import Tensor, nn
 
 from ncbench.errors import UserError
 from ncbench.losses import pair_logits, per_pair_infonce
-from ncbench.method import Batch, StepOutput, shuffled_batches
+from ncbench.method import Batch, StepOutput
 from ncbench.methods.mscn import fit_beta
-from ncbench.methods.ncr import CoDivided, NCRParams, cycled
+from ncbench.methods.ncr import CoDivided, NCRParams
 from ncbench.mixture import divide as gmm_divide
-from ncbench.mixture import division_threshold
 from ncbench.seeding import derive_seed
 
 MIXTURES = ("bmm", "gmm")
@@ -154,6 +152,7 @@ class BiCro(CoDivided):
     name = "bicro"
     description = "BiCro on CLIP: two co-divided models, Beta-mixture division, anchor-consistency soft labels"
     Params = BiCroParams
+    order_label = "bicro-order"
 
     def divide(self, model: nn.Module, epoch: int) -> np.ndarray:
         """The Beta-mixture (or, with ``mixture=gmm``, GMM) clean posterior of every training pair under ``model``."""
@@ -163,23 +162,6 @@ class BiCro(CoDivided):
         losses = self.ctx.per_pair_loss(model, p.loss_batch or None,
                                         seed=derive_seed("per-pair-loss", self.ctx.seed, epoch))
         return bmm_clean_posterior(losses, p.bmm_max_iter)
-
-    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        size, n = self.ctx.batch_size, len(self.ctx.train)
-        plans: dict[str, list[np.ndarray]] = {}
-        for m, key in enumerate(MODELS):
-            rng = np.random.default_rng(derive_seed("bicro-order", self.ctx.seed, epoch, m))
-            if self.w is None:  # warm-up: every pair, each model in its own order
-                plans[key] = list(shuffled_batches(rng, n, size))
-                continue
-            w = self.w[1 - m]
-            clean = w > division_threshold(w, self.params.p_threshold, self.params.min_noisy_frac)
-            plans[key] = list(shuffled_batches(rng, np.flatnonzero(clean), size))
-            noisy = np.flatnonzero(~clean)
-            if epoch >= self.ctx.epochs // 2 and len(noisy) > 0:
-                plans[f"{key}_unlabeled"] = cycled(rng, noisy, size, len(plans[key]))
-        for k in range(max(len(plans["a"]), len(plans["b"]))):
-            yield {name: part[k] for name, part in plans.items() if k < len(part)}
 
     def training_step(self, batch: dict[str, Batch]) -> StepOutput:
         losses, report = {}, {}

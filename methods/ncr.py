@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ class CoDivided(Method):
     the soft-label loss, the pair scores, the ensemble evaluation and the state they share."""
 
     num_models = 2
+    order_label: ClassVar[str]  # seeds each model's batch order (kept per method: its records' batches stay the same)
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -65,6 +66,25 @@ class CoDivided(Method):
     def divide(self, model: nn.Module, epoch: int) -> np.ndarray:
         """Every training pair's clean posterior under ``model``."""
         raise NotImplementedError
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Each model's own batch order: every pair during warm-up; then its peer's clean pairs (setting its epoch
+        length) and, from epoch ``epochs // 2`` on, as many batches cycled from its peer's noisy pairs."""
+        size, n = self.ctx.batch_size, len(self.ctx.train)
+        plans: dict[str, list[np.ndarray]] = {}
+        for m, net in enumerate(MODELS):
+            rng = np.random.default_rng(derive_seed(self.order_label, self.ctx.seed, epoch, m))
+            if self.w is None:
+                plans[net] = list(shuffled_batches(rng, n, size))
+                continue
+            w = self.w[1 - m]
+            clean = w > division_threshold(w, self.params.p_threshold, self.params.min_noisy_frac)
+            plans[net] = list(shuffled_batches(rng, np.flatnonzero(clean), size))
+            noisy = np.flatnonzero(~clean)
+            if epoch >= self.ctx.epochs // 2 and len(noisy) > 0:
+                plans[f"{net}_unlabeled"] = cycled(rng, noisy, size, len(plans[net]))
+        for k in range(max(len(plans[net]) for net in MODELS)):
+            yield {name: batches[k] for name, batches in plans.items() if k < len(batches)}
 
     def _soft_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         if self.params.soft_loss == "weighted":
@@ -89,7 +109,6 @@ class CoDivided(Method):
         self.w = state["w"]
 
 
-
 class NCR(CoDivided):
     """``ncr`` (docs/methods/ncr.md): models A and B; at each epoch start each one's GMM division (as ``gmm-filter``).
 
@@ -110,27 +129,11 @@ class NCR(CoDivided):
     name = "ncr"
     description = "NCR on CLIP: two models, co-divided by per-epoch GMMs, soft correspondence labels in InfoNCE"
     Params = NCRParams
+    order_label = "ncr-order"
 
     def divide(self, model: nn.Module, epoch: int) -> np.ndarray:
         """The GMM clean posterior of every training pair under ``model`` (as ``gmm-filter``)."""
         return divide(self.ctx, model, epoch, self.params)
-
-    def epoch_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        size, n = self.ctx.batch_size, len(self.ctx.train)
-        plans = {}
-        for m, net in enumerate(MODELS):
-            rng = np.random.default_rng(derive_seed("ncr-order", self.ctx.seed, epoch, m))
-            if self.w is None:  # warm-up: plain InfoNCE on every pair
-                plans[net] = list(shuffled_batches(rng, n, size))
-                continue
-            w = self.w[1 - m]
-            clean = w > division_threshold(w, self.params.p_threshold, self.params.min_noisy_frac)
-            plans[net] = list(shuffled_batches(rng, np.flatnonzero(clean), size))
-            noisy = np.flatnonzero(~clean)
-            if epoch >= self.ctx.epochs // 2 and len(noisy) > 0:
-                plans[f"{net}_unlabeled"] = cycled(rng, noisy, size, len(plans[net]))
-        for k in range(max(len(plans[net]) for net in MODELS)):
-            yield {name: batches[k] for name, batches in plans.items() if k < len(batches)}
 
     def training_step(self, batch: dict[str, Batch]) -> StepOutput:
         return StepOutput({f"loss_{net}": self._model_loss(m, batch[net], batch.get(f"{net}_unlabeled"))
