@@ -73,8 +73,8 @@ def origin_logit(model: nn.Module, samples: int, image_size: int, context_length
 class OSA(Method):
     """``osa``: the trained model plus a frozen estimator, a copy of the pretrained model made in :meth:`setup`.
 
-    The harness calls ``setup`` with the pretrained models and only then loads a checkpoint's weights into
-    ``ctx.models`` (ncbench/harness.py, ``run``), so on resume the copy is the pretrained model again and the
+    The harness calls ``setup`` with the pretrained models (ncbench/harness.py, ``prepare``) and only then loads a
+    checkpoint's weights into ``ctx.models`` (``start_or_resume``), so on resume the copy is the pretrained model again and the
     estimator never needs saving; the origin is recomputed from the same seed.
     """
 

@@ -63,16 +63,22 @@ class RunConfig:
         if not 0.0 <= self.clean_fraction < 0.5:
             raise UserError(f"--clean-fraction must be in [0, 0.5), got {self.clean_fraction}")
 
+    def named_fields(self) -> dict:
+        """The config's own fields that name the run (no data path; no clean fraction where it is 0, so runs without
+        a clean subset keep the ids they had before the field existed)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "data_root"}
+        if not self.clean_fraction:
+            del fields["clean_fraction"]
+        return fields
+
     def identity(self) -> dict:
         """The fields that name the run, plus a digest of the model's architecture config (the built-in tiny
         configs can change between versions) and the pretraining recipe of embedded weights."""
         from ncbench.architecture import config_digest
         from ncbench.recipe import current_spec
 
-        fields = {k: v for k, v in asdict(self).items() if k != "data_root"}
+        fields = self.named_fields()
         fields["architecture"] = stable_hash(config_digest(self.model), length=10)
-        if not self.clean_fraction:  # runs without a clean subset keep the ids they had before the field existed
-            del fields["clean_fraction"]
         if self.pretrained == "embedded":
             fields["pretrain"] = asdict(current_spec())
         return fields

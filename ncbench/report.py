@@ -225,17 +225,34 @@ def _table(setting: dict, protocol: str, metric: str, runs: pd.DataFrame) -> Tab
 
 
 def _labels(runs: pd.DataFrame) -> pd.Series:
-    """The method's name; where one method has several variants in a table, plus the settings that differ."""
+    """The method's name; where one method has several variants in a table, the settings that differ follow the
+    name of every variant but the method's default (``ncbench run --method <name>`` without flags), so an ablation
+    adds a row without renaming the method's own."""
     labels = runs.method.copy()
     for method, group in runs.groupby("method"):
         variants = {v: _flatten(json.loads(v)) for v in group.variant.unique()}
         if len(variants) < 2:
             continue
+        default = default_variant(method)
         differ = sorted(k for k in set().union(*variants.values()) if len({repr(d.get(k)) for d in variants.values()}) > 1)
         for variant, values in variants.items():
-            text = ", ".join(f"{k}={_value(values.get(k))}" for k in differ)
-            labels[(runs.method == method) & (runs.variant == variant)] = f"{method} ({text})"
+            if variant != default:
+                text = ", ".join(f"{k}={_value(values.get(k))}" for k in differ)
+                labels[(runs.method == method) & (runs.variant == variant)] = f"{method} ({text})"
     return labels
+
+
+def default_variant(method: str) -> str | None:
+    """The variant (as :func:`load_runs` writes it) of a run of ``method`` with every setting at its default; None
+    for a method not registered here (a plugin's records read without the plugin)."""
+    from ncbench.config import resolve
+    from ncbench.registry import METHODS
+
+    try:
+        fields = resolve(METHODS.get(method), {}).named_fields()
+    except UserError:
+        return None
+    return json.dumps({k: v for k, v in fields.items() if k not in NOT_VARIANT}, sort_keys=True)
 
 
 def _flatten(variant: dict) -> dict:

@@ -121,3 +121,14 @@ def test_committed_leaderboard_matches_committed_records():
     """results/leaderboard.md is what `ncbench leaderboard --results results/reference` writes (README's command)."""
     results = Path(__file__).parent.parent / "results"
     assert report.leaderboard(results / "reference") == (results / "leaderboard.md").read_text()
+
+
+def test_an_ablation_adds_a_row_without_renaming_the_default():
+    frame = report.load_runs(RECORDS)
+    (table, _) = report.tables(frame, "rsum")
+    assert {"clip", "clip (lr=0.0001)"} <= set(table.rows(False))  # the default variant (lr 5e-4) keeps the name
+    default = report.default_variant("clip")
+    moved = frame.assign(variant=frame.variant.where(frame.variant != default, default.replace("0.0005", "0.0003")))
+    (table, _) = report.tables(moved, "rsum")
+    assert {"clip (lr=0.0001)", "clip (lr=0.0003)"} <= set(table.rows(False)) and "clip" not in table.rows(False)
+    assert report.default_variant("no-such-method") is None

@@ -213,7 +213,7 @@ def test_records_with_ranks_use_the_query_bootstrap(tmp_path, capsys):
     root = _records_with_ranks(tmp_path, shift_gmm=True)
     text = report.leaderboard(root)
     assert "bootstrap over seeds and test queries" in text
-    main(["compare", "gmm-filter", "clip (lr=0.0005)", "--results", str(root), "--noise-protocol", "caption-shuffle",
+    main(["compare", "gmm-filter", "clip", "--results", str(root), "--noise-protocol", "caption-shuffle",
           "--format", "csv"])
     frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert list(frame.test) == ["paired bootstrap"] * 2 and list(frame.pairs) == [2, 2]
@@ -221,7 +221,7 @@ def test_records_with_ranks_use_the_query_bootstrap(tmp_path, capsys):
 
 
 def test_compare_formats_and_errors(tmp_path, capsys):
-    main(["compare", "gmm-filter", "clip (lr=0.0005)", "--results", str(RECORDS), "--format", "md"])
+    main(["compare", "gmm-filter", "clip", "--results", str(RECORDS), "--format", "md"])
     text = capsys.readouterr().out
     assert "| noise | mean A | mean B | A − B | 95% CI | p | p Holm | n | test |" in text
     assert "paired t" in text and "+9.50" in text  # 20 %: (452 - 441) and (456 - 448) -> mean 9.5
