@@ -525,9 +525,16 @@ def rank_blocks(tabs: list[Table]) -> pd.DataFrame:
     return frame.dropna()
 
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-LINESTYLES = ("-", "--", "-.", ":")
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")  # Okabe–Ito
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # 7, coprime with the 8 colours
+LINESTYLES = ("-", "--", "-.")  # 3, coprime with both
+
+
+def line_style(i: int) -> dict:
+    """Colour, marker and line style of a plot's ``i``-th line: the cycle lengths are coprime, so no two of the first
+    168 lines look alike (the 9th line is not the 1st again)."""
+    return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[i % len(LINESTYLES)]}
 
 
 def plot(root: Path, out_dir: Path, metric: str = "rsum", protocol: str | None = None,
@@ -583,25 +590,25 @@ def _figure(table: Table, ylabel: str, title: str, stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     with plt.rc_context({"svg.hashsalt": "ncbench", "font.size": 9}):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+        fig, ax = plt.subplots(figsize=(7.6, 4.2), layout="constrained")
         lines = [(clean, label) for clean in (False, True) for label in table.rows(clean)]
         for i, (clean, label) in enumerate(lines):
             cells = [(r, table.cell(clean, label, r)) for r in table.noise]
             x = [100 * r for r, c in cells if c]
             mean = [c[0] for _, c in cells if c]
             std = [c[1] if c[2] > 1 else 0.0 for _, c in cells if c]
-            colour = COLOURS[i % len(COLOURS)]
-            ax.plot(x, mean, color=colour, marker=MARKERS[i % len(MARKERS)], linestyle=LINESTYLES[i % len(LINESTYLES)],
-                    label=label + (" [clean data]" if clean else ""))
-            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour,
-                            alpha=0.15, linewidth=0)
+            style = line_style(i)
+            ax.plot(x, mean, **style, label=label + (" [clean data]" if clean else ""))
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=style["color"], alpha=0.15, linewidth=0)
         ax.set_xlabel("noise ratio (%)")
         ax.set_ylabel(ylabel)
         ax.set_xticks([100 * r for r in table.noise])
         dataset, noise, model, epochs, selection, _ = table.setting_parts()
         ax.set_title(f"{title}\n{dataset} · {noise} · {epochs} · {selection}\n{model}", fontsize=9)
         ax.grid(True, color="0.85", linewidth=0.6)
-        ax.legend(fontsize=8, title=f"band: ± sample std over seeds (ddof=1), n ≤ {table.seeds}", title_fontsize=8)
+        ax.legend(fontsize=8, title=f"band: ± std over seeds\n(ddof=1), n ≤ {table.seeds}", title_fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no line hidden behind it
         paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"]
         fig.savefig(paths[0], dpi=150, metadata={"Software": None})
         fig.savefig(paths[1], metadata={"Date": None})

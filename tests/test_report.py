@@ -132,3 +132,8 @@ def test_an_ablation_adds_a_row_without_renaming_the_default():
     (table, _) = report.tables(moved, "rsum")
     assert {"clip (lr=0.0001)", "clip (lr=0.0003)"} <= set(table.rows(False)) and "clip" not in table.rows(False)
     assert report.default_variant("no-such-method") is None
+
+
+def test_plot_lines_stay_distinct_past_the_palette():
+    styles = [tuple(report.line_style(i).values()) for i in range(24)]
+    assert len(set(styles)) == 24 and len({(c, m) for c, m, _ in styles}) == 24  # colour and marker alone suffice
