@@ -66,3 +66,26 @@ def test_retention(findings):
         retention = table.robustness[(False, method)][1]
         stated = f"{100 * retention.value:.1f} % [{100 * retention.lo:.1f}, {100 * retention.hi:.1f}]"
         assert stated in findings, (method, stated)
+
+
+def test_rcl_beats_the_filters(findings):
+    rows = _compare("rcl", "gmm-filter")
+    assert _interval(rows[0.4]) in findings and _interval(rows[0.6]) in findings
+    assert max(rows[0.4].p_holm, rows[0.6].p_holm) <= 0.041 and rows[0.4].lo > 0 and rows[0.6].lo > 0
+    assert _interval(_compare("rcl", "clip")[0.6]) in findings
+
+
+def test_bicro_is_not_separable_from_ncr(findings):
+    rows = _compare("bicro", "ncr")
+    low, high = min(r.difference for r in rows.values()), max(r.difference for r in rows.values())
+    assert f"from {_signed(low)} to {_signed(high)}" in findings
+    assert f"Holm p ≥ {min(r.p_holm for r in rows.values()):.3f}" in findings
+    assert _interval(_compare("bicro", "gmm-filter")[0.6]) in findings
+
+
+def test_decl_pays_without_noise(findings):
+    rows = _compare("decl", "clip")
+    assert _interval(rows[0.0]) in findings and rows[0.0].hi < 0 and _interval(rows[0.6]) in findings
+    behind = _compare("decl", "gmm-filter")
+    assert all(r.hi < 0 for r in behind.values()) and max(r.p_holm for r in behind.values()) <= 0.011
+    assert "at every ratio (Holm p ≤ 0.011)" in findings
