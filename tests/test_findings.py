@@ -89,3 +89,15 @@ def test_decl_pays_without_noise(findings):
     behind = _compare("decl", "gmm-filter")
     assert all(r.hi < 0 for r in behind.values()) and max(r.p_holm for r in behind.values()) <= 0.011
     assert "at every ratio (Holm p ≤ 0.011)" in findings
+
+
+def test_npc_official_at_clips_learning_rate(findings):
+    same_rate = _compare("npc-official", "clip (lr=0.0002)")
+    assert _interval(same_rate[0.4]) in findings and _interval(same_rate[0.6]) in findings
+    assert f"Holm p = {min(r.p_holm for r in same_rate.values()):.3f}" in findings
+    assert all(r.lo < 0 < r.hi for r in same_rate.values())
+    rate = _compare("clip (lr=0.0002)", "clip")
+    assert _interval(rate[0.4]) in findings and f"(p = {rate[0.4].p:.3f})" in findings and rate[0.4].hi < 0
+    assert _interval(rate[0.6]) in findings
+    paper = _compare("npc", "clip (lr=0.0002)")
+    assert _interval(paper[0.4]) in findings and f"(p = {paper[0.4].p:.3f}, two seeds)" in findings

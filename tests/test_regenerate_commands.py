@@ -18,7 +18,7 @@ def regenerate_sweeps() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     block = text[text.index("```bash", text.index("\nRegenerate")) + len("```bash"):]
     block = block[:block.index("```")].replace("\\\n", " ")
-    lines = [shlex.split(line) for line in block.splitlines() if line.strip()]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
     return [words[2:] for words in lines if words[:2] == ["ncbench", "sweep"]]
 
 
