@@ -74,8 +74,8 @@ class OSA(Method):
     """``osa``: the trained model plus a frozen estimator, a copy of the pretrained model made in :meth:`setup`.
 
     The harness calls ``setup`` with the pretrained models (ncbench/harness.py, ``prepare``) and only then loads a
-    checkpoint's weights into ``ctx.models`` (``start_or_resume``), so on resume the copy is the pretrained model again and the
-    estimator never needs saving; the origin is recomputed from the same seed.
+    checkpoint's weights into ``ctx.models`` (``start_or_resume``), so on resume the copy is the pretrained model
+    again and the estimator never needs saving; the origin is recomputed from the same seed.
     """
 
     name = "osa"
