@@ -101,3 +101,7 @@ def test_npc_official_at_clips_learning_rate(findings):
     assert _interval(rate[0.6]) in findings
     paper = _compare("npc", "clip (lr=0.0002)")
     assert _interval(paper[0.4]) in findings and f"(p = {paper[0.4].p:.3f}, two seeds)" in findings
+    at_clip_rate = _compare("npc-official (lr=0.0005)", "clip")
+    assert _interval(at_clip_rate[0.4]) in findings and _interval(at_clip_rate[0.6]) in findings
+    assert f"Holm p = {min(r.p_holm for r in at_clip_rate.values()):.3f}" in findings
+    assert all(r.lo < 0 < r.hi for r in at_clip_rate.values())
