@@ -53,6 +53,8 @@ _LR = typer.Option(None, help="peak learning rate [default 5e-4]")
 _RUN_MODEL = typer.Option(None, help="open_clip architecture [default ncbench-tiny]")
 _RUN_PRETRAINED = typer.Option(None, help="weights: open_clip tag, checkpoint path, embedded or none")
 _SELECTION = typer.Option(None, help="model selection: best-dev-rsum or last")
+_PRECISION = typer.Option(None, help="autocast: auto (bf16 on CUDA, full precision on the CPU), bf16 or fp32 "
+                          "[default auto]")
 _LOG = typer.Option(None, "--log", help="follow losses and metrics in tensorboard or mlflow (extras: ncbench[tensorboard], "
                     "ncbench[mlflow]); not part of the run id")
 _KEEP_MODEL = typer.Option(False, "--keep-model", help="keep the selected model beside the record, for `ncbench export`")
@@ -75,6 +77,7 @@ def run(
     model: Optional[str] = _RUN_MODEL,
     pretrained: Optional[str] = _RUN_PRETRAINED,
     selection: Optional[str] = _SELECTION,
+    precision: Optional[str] = _PRECISION,
     preset: Optional[str] = typer.Option(
         None, help="named settings per method and dataset family, under explicit flags: paper (ncbench/presets.py)"),
     clean_fraction: Optional[float] = typer.Option(
@@ -95,8 +98,8 @@ def run(
     from ncbench import config, harness  # after the method: a bad one is reported without importing open_clip
 
     flags = dict(noise=noise, noise_protocol=noise_protocol, seed=seed, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
-                 model=model, pretrained=pretrained, selection=selection, preset=preset, clean_fraction=clean_fraction,
-                 data_root=str(data_root) if data_root else None)
+                 model=model, pretrained=pretrained, selection=selection, precision=precision, preset=preset,
+                 clean_fraction=clean_fraction, data_root=str(data_root) if data_root else None)
     cfg = config.resolve(method_cls, flags, _parse_params(param))
     if noise_file is not None:
         cfg = _with_noise_file(cfg, noise_file, noise_protocol, cache_dir)
@@ -276,6 +279,7 @@ def sweep(
     model: Optional[str] = _RUN_MODEL,
     pretrained: Optional[str] = _RUN_PRETRAINED,
     selection: Optional[str] = _SELECTION,
+    precision: Optional[str] = _PRECISION,
     preset: Optional[str] = typer.Option(None, help="named settings per method and dataset family: paper"),
     plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="local: runs at a time: 1 runs them in this process, "
@@ -304,7 +308,7 @@ def sweep(
         load_plugin_file(path)
     settings = dict(noise_protocol=noise_protocol, dataset=dataset, data_root=str(data_root) if data_root else None,
                     epochs=epochs, batch_size=batch_size, lr=lr, model=model, pretrained=pretrained,
-                    selection=selection, preset=preset)
+                    selection=selection, precision=precision, preset=preset)
     grid = sweeps.expand(sweeps.parse_list(methods, str, "--methods"), sweeps.parse_list(noise, float, "--noise"),
                          sweeps.parse_list(seeds, int, "--seeds"), settings, plugin, RunOptions(log, keep_model))
     options = _launcher_options(launcher, jobs, partition, gpus_per_run, time, array_parallelism)

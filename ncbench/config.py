@@ -17,6 +17,7 @@ from ncbench.seeding import stable_hash
 SELECTION_RULES = ("best-dev-rsum", "last")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # method, dataset and protocol names: safe in a run folder's name
 DEFAULT_CLEAN_FRACTION = 0.02  # docs/methods/mscn.md#meta-data: the clean subset of methods that use one
+PRECISIONS = ("auto", "bf16", "fp32")  # ncbench/device.py: autocast_for
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class RunConfig:
     grad_clip: float = 0.0  # max L2 norm of each trained model's gradient; 0 disables clipping
     clean_fraction: float = 0.0  # training pairs carved out as a clean subset before noise (docs/methods/mscn.md#meta-data)
     selection: str = "best-dev-rsum"
+    precision: str = "auto"  # autocast of training and evaluation: auto is bf16 on CUDA and full precision on the CPU
     preset: str | None = None  # the preset whose values were applied (recorded; not part of the id)
     data_root: str | None = field(default=None, compare=False)  # where the data lives: not part of the id
 
@@ -60,15 +62,18 @@ class RunConfig:
             if not math.isfinite(value) or value < 0 or (positive and value == 0):
                 raise UserError(f"--{name.replace('_', '-')} {value}: expected a finite number "
                                 f"{'> 0' if positive else '>= 0'}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.clean_fraction < 0.5:
             raise UserError(f"--clean-fraction must be in [0, 0.5), got {self.clean_fraction}")
 
     def named_fields(self) -> dict:
-        """The config's own fields that name the run (no data path; no clean fraction where it is 0, so runs without
-        a clean subset keep the ids they had before the field existed)."""
+        """The config's own fields that name the run: no data path, and no field at the value it had before the field
+        existed (a clean fraction of 0, precision auto), so earlier runs keep their ids."""
         fields = {k: v for k, v in asdict(self).items() if k != "data_root"}
-        if not self.clean_fraction:
-            del fields["clean_fraction"]
+        for name, before in (("clean_fraction", 0.0), ("precision", "auto")):
+            if fields[name] == before:
+                del fields[name]
         return fields
 
     def identity(self) -> dict:

@@ -145,7 +145,7 @@ def prepare(cfg: RunConfig, cache_dir: Path, world: distributed.World) -> Prepar
                               world)
     ctx = Context.create(models, train, seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                          weight_decay=cfg.weight_decay, clean_subset=clean_subset, device=device,
-                         autocast=autocast_for(device))
+                         autocast=autocast_for(device, cfg.precision))
     method = method_cls(method_cls.Params(**cfg.params))
     method.setup(ctx)
     tokens = {split: backbone.tokenize(getattr(pairs, split).captions) for split in ("dev", "test")}

@@ -53,6 +53,26 @@ def test_same_config_and_seed_give_the_same_numbers_in_a_new_process(clip_run, t
     assert json.loads(a.read_text())["test"] == json.loads(b.read_text())["test"]
 
 
+def test_precision_names_the_run_and_fp32_is_the_cpu_default(cli, clip_run, tmp_path):
+    """--precision fp32 is a run of its own (its id and config say so), with the numbers of the default on the CPU,
+    where auto means full precision; the default keeps the ids runs had before the flag existed."""
+    from ncbench.config import RunConfig
+
+    assert "precision" not in RunConfig().identity()
+    proc = cli(*CLIP_RUN, "--precision", "fp32", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (a,), (b,) = (list(out.glob("*/result.json")) for out in (clip_run[0], tmp_path))
+    auto, fp32 = json.loads(a.read_text()), json.loads(b.read_text())
+    assert a.parent.name != b.parent.name and fp32["config"]["precision"] == "fp32"
+    assert "precision" not in auto["config"] and fp32["test"] == auto["test"]
+
+
+def test_bad_precision(cli, tmp_path):
+    line = _one_error_line(cli("run", *MINI, "--precision", "fp16", "--out", tmp_path))
+    assert "--precision" in line and "fp16" in line and "bf16" in line
+    assert not any(tmp_path.iterdir())
+
+
 def test_unknown_method(cli, tmp_path):
     line = _one_error_line(cli("run", "--method", "nope", *MINI, "--out", tmp_path))
     assert "unknown method 'nope'" in line and "clip" in line
