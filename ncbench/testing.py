@@ -18,6 +18,7 @@ from torch import nn
 from ncbench import checkpoint
 from ncbench.backbone import load_backbone
 from ncbench.data import ImageNormalizer, Pairs
+from ncbench.device import autocast_for
 from ncbench.datasets.synthetic import generate
 from ncbench.distributed import World
 from ncbench.harness import carve_clean_subset, make_batch, train_step
@@ -25,19 +26,22 @@ from ncbench.method import BatchIndex, Context, Method, StepOutput, TrainSet
 
 
 def tiny_context(method_cls: type[Method] | None = None, *, n_images: int = 30, noise: float = 0.3,
-                 batch_size: int = 8, epochs: int = 2, seed: int = 0, lr: float = 5e-4,
-                 pretrained: str = "none", cache_dir: Path | None = None) -> Context:
-    """A context over ``n_images`` synthetic images (5 captions each) whose pairs a share ``noise`` of captions
-    re-paired to random other images, with ``method_cls.num_models`` copies of a tiny open_clip model
-    (random init unless ``pretrained``), and a 10 % clean subset carved first when the method uses one."""
-    split = generate("downstream", n_images, seed=seed)
+                 batch_size: int = 8, epochs: int = 2, seed: int = 0, lr: float = 5e-4, model: str = "ncbench-tiny",
+                 pretrained: str = "none", cache_dir: Path | None = None, device: torch.device | None = None,
+                 precision: str = "auto") -> Context:
+    """A context over ``n_images`` synthetic images (5 captions each, rendered at the model's input size) whose pairs
+    a share ``noise`` of captions re-paired to random other images, with ``method_cls.num_models`` copies of the
+    open_clip ``model`` (random init unless ``pretrained``) on ``device`` (the CPU unless given) under
+    ``precision``'s autocast, and a 10 % clean subset carved first when the method uses one."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(seed)
+    backbone = load_backbone(model, pretrained, cache_dir)
+    split = generate("downstream", n_images, seed=seed, image_size=backbone.image_size)
     clean = None
     if method_cls is not None and method_cls.uses_clean_subset:
         pairs, clean = carve_clean_subset(Pairs("tiny", split, split, split), 0.1, seed)
         split = pairs.train
-    torch.manual_seed(seed)
-    backbone = load_backbone("ncbench-tiny", pretrained, cache_dir)
-    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, torch.device("cpu"))
+    normalize = ImageNormalizer(backbone.mean, backbone.std, backbone.image_size, device)
     pair_image = split.caption_image.copy()
     rng = np.random.default_rng(seed)
     noisy = rng.choice(len(pair_image), int(noise * len(pair_image)), replace=False)
@@ -46,9 +50,9 @@ def tiny_context(method_cls: type[Method] | None = None, *, n_images: int = 30, 
     clean_subset = None if clean is None else TrainSet(clean.images, backbone.tokenize(clean.captions),
                                                        clean.caption_image, normalize)
     num_models = method_cls.num_models if method_cls is not None else 1
-    models = [copy.deepcopy(backbone.model).train() for _ in range(num_models)]
+    models = [copy.deepcopy(backbone.model).to(device).train() for _ in range(num_models)]
     return Context.create(models, train, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.1,
-                          clean_subset=clean_subset)
+                          clean_subset=clean_subset, device=device, autocast=autocast_for(device, precision))
 
 
 def step(method: Method, index: BatchIndex, lr: float | None = None, grad_clip: float = 0.0) -> StepOutput:
