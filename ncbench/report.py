@@ -42,7 +42,8 @@ COMPARE_FORMATS = ("table", "csv", "md")
 
 def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
     """One row per complete record under ``root`` (optionally of one dataset): setting, method variant,
-    noise ratio, seed, noise digest, test metrics, per-query test ranks (or None) and the last epoch's detection AUROC."""
+    noise ratio, seed, noise digest, test metrics, per-query test ranks (or None) and the last epoch's detection AUROC;
+    plus the noise-free runs each noise protocol shares (:func:`share_noise_free`)."""
     rows = []
     run_dirs: dict[str, Path] | None = None
     for record in iter_records(root):
@@ -88,7 +89,32 @@ def load_runs(root: Path, dataset: str | None = None) -> pd.DataFrame:
         if dataset not in set(frame.dataset):
             raise UserError(f"--dataset {dataset!r}: no records; datasets under {root}: {', '.join(sorted(set(frame.dataset)))}")
         frame = frame[frame.dataset == dataset]
-    return frame
+    return share_noise_free(frame)
+
+
+def share_noise_free(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (``shared`` False) and, for each noise protocol of a setting, copies of the setting's 0 % runs
+    recorded under another protocol (``shared`` True) of the method variants it has runs of, where it has none of its
+    own of that variant and seed.
+
+    At 0 % every protocol leaves the pairs as they are: the run is the same computation, with the same numbers,
+    whichever protocol names it. So one noise-free run per method and seed serves every protocol's table, its AUC
+    and retention (docs/noise.md#noise-free-runs).
+    """
+    rest = [c for c in SETTING if c != "noise_protocol"]
+    run = ["method", "variant", "seed"]
+    copies = []
+    for _, group in frame.groupby(rest, sort=False):
+        zero = group[group.noise == 0].sort_values("noise_protocol", kind="stable")
+        for protocol in sorted(set(group.noise_protocol)):
+            variants = set(map(tuple, group.loc[group.noise_protocol == protocol, run[:2]].to_numpy()))
+            own = set(map(tuple, zero.loc[zero.noise_protocol == protocol, run].to_numpy()))
+            borrowed = zero[zero.noise_protocol != protocol].drop_duplicates(subset=run)
+            borrowed = borrowed[[tuple(key[:2]) in variants and tuple(key) not in own
+                                 for key in borrowed[run].to_numpy()]]
+            if len(borrowed):
+                copies.append(borrowed.assign(noise_protocol=protocol, shared=True))
+    return pd.concat([frame.assign(shared=False), *copies], ignore_index=True)
 
 
 class Cell(NamedTuple):
@@ -514,10 +540,13 @@ def comparison_text(frame: pd.DataFrame, fmt: str) -> str:
 
 def rank_blocks(tabs: list[Table]) -> pd.DataFrame:
     """Blocks (setting x test protocol x noise ratio; rows) x methods of the noisy-data track (columns) of the mean:
-    the methods present in at least half of the blocks, the blocks that have all of them."""
+    the methods present in at least half of the blocks, the blocks that have all of them. Noise-free runs shared by
+    several protocols make one block, where they were recorded."""
     blocks = {}
     for table in tabs:
         for ratio in table.noise:
+            if table.runs.shared[table.runs.noise == ratio].all():
+                continue  # another protocol's table holds these runs' block
             blocks[f"{table.slug} {ratio:g}"] = {label: table.cell(False, label, ratio).mean for label in table.rows(False)
                                                  if table.cell(False, label, ratio) is not None}
     frame = pd.DataFrame.from_dict(blocks, orient="index")

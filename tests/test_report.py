@@ -1,6 +1,7 @@
 """Leaderboards and plots from committed fixture records (tests/fixtures/records): 3 methods (clip at two lrs,
 gmm-filter with detection, mscn using clean data, one of its seeds missing at 60 %) x 2 noise ratios x 2 seeds,
 plus one run under another noise protocol."""
+import hashlib
 import io
 import json
 import math
@@ -137,3 +138,40 @@ def test_an_ablation_adds_a_row_without_renaming_the_default():
 def test_plot_lines_stay_distinct_past_the_palette():
     styles = [tuple(report.line_style(i).values()) for i in range(24)]
     assert len(set(styles)) == 24 and len({(c, m) for c, m, _ in styles}) == 24  # colour and marker alone suffice
+
+
+def _copy(root: Path, source: str, protocol: str, ratio: float, rsum: float) -> None:
+    """A record of ``source``'s method, seed and settings under another noise ``protocol`` and ``ratio``."""
+    record = json.loads((RECORDS / source / "result.json").read_text())
+    record["noise"].update(protocol=protocol, ratio=ratio, realised_ratio=ratio, digest=f"{protocol}-{ratio:g}")
+    record["config"].update(noise=ratio, noise_protocol=protocol)
+    record["test"]["1k"]["rsum"] = rsum
+    digest = hashlib.sha256(f"{source} {protocol} {ratio}".encode()).hexdigest()[:10]
+    record["run_id"] = f"{source.split('_n')[0]}_n{ratio:g}_s{record['config']['seed']}_{digest}"
+    (root / record["run_id"]).mkdir()
+    (root / record["run_id"] / "result.json").write_text(json.dumps(record))
+
+
+def test_noise_free_runs_serve_every_protocol(tmp_path):
+    """A method variant's row under a protocol without its 0 % runs takes those recorded under another protocol of
+    the setting; its own come first; a variant without runs under the protocol gets no row there."""
+    root = tmp_path / "records"
+    shutil.copytree(RECORDS, root)
+    _copy(root, "clip_synthetic_n0.2_s0_7986738a1c", "caption-shuffle", 0.0, 470.0)
+    _copy(root, "clip_synthetic_n0.2_s1_32aa64bad2", "caption-shuffle", 0.0, 480.0)
+    _copy(root, "clip_synthetic_n0.2_s0_bd067ab9e7", "caption-shuffle", 0.0, 465.0)  # clip at lr 1e-4: no hard runs
+    _copy(root, "gmm-filter_synthetic_n0.2_s0_c5837b8ae8", "caption-shuffle", 0.0, 472.0)
+    _copy(root, "gmm-filter_synthetic_n0.2_s0_c5837b8ae8", "hard", 0.2, 430.0)
+    caption, hard = report.tables(report.load_runs(root), "rsum")
+    assert caption.cell(False, "clip", 0.0)[:3] == (475.0, pytest.approx(50 ** 0.5), 2)
+    assert hard.noise == [0.0, 0.2] and hard.rows(False) == ["clip", "gmm-filter"]
+    assert hard.cell(False, "clip", 0.0)[:3] == (475.0, pytest.approx(50 ** 0.5), 2)
+    assert hard.cell(False, "gmm-filter", 0.0)[:1] == (472.0,)
+    retention = hard.robustness[(False, "clip")][1]  # seed 0 alone has both ratios under hard
+    assert (retention.value, retention.n) == (pytest.approx(423 / 470), 1)
+    assert list(report.rank_blocks([hard]).index) == [f"{hard.slug} 0.2"]  # the 0 % block is caption-shuffle's
+
+    _copy(root, "clip_synthetic_n0.2_s0_f5f1b92c52", "hard", 0.0, 471.0)  # hard's own seed 0 comes before the copy
+    caption, hard = report.tables(report.load_runs(root), "rsum")
+    assert hard.cell(False, "clip", 0.0)[:1] == (475.5,) and caption.cell(False, "clip", 0.0)[:1] == (475.0,)
+    assert list(report.rank_blocks([hard]).index) == [f"{hard.slug} 0", f"{hard.slug} 0.2"]
