@@ -22,13 +22,12 @@ from ncbench.errors import UserError
 from ncbench.losses import pair_logits, per_pair_infonce
 from ncbench.method import Batch, StepOutput
 from ncbench.methods.mscn import fit_beta
-from ncbench.methods.ncr import CoDivided, NCRParams
+from ncbench.methods.ncr import MODELS, CoDivided, NCRParams
 from ncbench.mixture import divide as gmm_divide
 from ncbench.seeding import derive_seed
 
 MIXTURES = ("bmm", "gmm")
 BMM_CLAMP = 1e-4  # BetaMixture1D.fit: losses clamped to [1e-4, 1 − 1e-4]
-MODELS = ("a", "b")
 
 
 @dataclass(frozen=True)
