@@ -383,7 +383,8 @@ def leaderboard(
     results_dir: Path = _RESULTS,
     out_file: Optional[Path] = typer.Option(None, "--out", help="file to write [default: print]"),
 ) -> None:
-    """Tables of mean ± sample std over seeds: one per setting, a row per method, a column per noise ratio."""
+    """Tables of the mean over seeds with its 95 % interval and the tied-best group (CSV adds the sample std): one
+    per setting, a row per method, a column per noise ratio, then AUC and retention."""
     from ncbench import report
 
     text = report.leaderboard(results_dir, fmt, metric, protocol, dataset)
