@@ -25,6 +25,7 @@ weights.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -64,6 +65,7 @@ def synchronized(device: torch.device, work: Callable[[], object]) -> float:
 
 def reset_peak(device: torch.device) -> None:
     """Release cached blocks and start a new memory high-water mark (CUDA only)."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -9,6 +9,7 @@ registered method passes. ncbench's tests and benchmarks use it; so can a plugin
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from torch import nn
 
 from ncbench import checkpoint
 from ncbench.backbone import load_backbone
-from ncbench.data import ImageNormalizer, Pairs
+from ncbench.data import ImageNormalizer, Pairs, Split
 from ncbench.device import autocast_for
 from ncbench.datasets.synthetic import generate
 from ncbench.distributed import World
@@ -36,7 +37,7 @@ def tiny_context(method_cls: type[Method] | None = None, *, n_images: int = 30, 
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     backbone = load_backbone(model, pretrained, cache_dir)
-    split = generate("downstream", n_images, seed=seed, image_size=backbone.image_size)
+    split = _synthetic_split(n_images, seed, backbone.image_size)
     clean = None
     if method_cls is not None and method_cls.uses_clean_subset:
         pairs, clean = carve_clean_subset(Pairs("tiny", split, split, split), 0.1, seed)
@@ -53,6 +54,12 @@ def tiny_context(method_cls: type[Method] | None = None, *, n_images: int = 30, 
     models = [copy.deepcopy(backbone.model).to(device).train() for _ in range(num_models)]
     return Context.create(models, train, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=0.1,
                           clean_subset=clean_subset, device=device, autocast=autocast_for(device, precision))
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_split(n_images: int, seed: int, image_size: int) -> Split:
+    """A tiny context's synthetic images and captions, rendered once per size and seed (contexts only read them)."""
+    return generate("downstream", n_images, seed=seed, image_size=image_size)
 
 
 def step(method: Method, index: BatchIndex, lr: float | None = None, grad_clip: float = 0.0) -> StepOutput:
