@@ -36,6 +36,9 @@ def test_filtering_pays_off_more_the_noisier_the_data(findings):
     for ratio in (0.2, 0.4, 0.6):
         assert _interval(rows[ratio]) in findings and rows[ratio].p_holm <= 0.009
     assert _interval(rows[0.0]) in findings and rows[0.0].p > 0.05
+    images = _compare("gmm-filter", "clip", "image-shuffle")
+    assert _interval(images[0.4]) in findings and _interval(images[0.6]) in findings
+    assert max(images[r].p_holm for r in (0.4, 0.6)) == pytest.approx(0.003, abs=5e-4)
 
 
 def test_weighting_and_filtering_are_not_separable(findings):
@@ -43,6 +46,9 @@ def test_weighting_and_filtering_are_not_separable(findings):
     assert _interval(rows[0.6]) in findings and f"p = {rows[0.6].p:.3f}" in findings
     assert max(abs(r.difference) for r in rows.values()) == pytest.approx(rows[0.6].difference)
     assert f"p ≥ {min(r.p for r in rows.values()):.3f}" in findings
+    images = _compare("gmm-weight", "gmm-filter", "image-shuffle")
+    assert _interval(images[0.6]) in findings and images[0.6].hi < 0
+    assert f"image-shuffle (Holm p = {images[0.6].p_holm:.3f})" in findings
 
 
 def test_ncr_trails_one_filtered_model(findings):
@@ -59,10 +65,12 @@ def test_npc_leads_clip_without_significance(findings):
     assert min(r.p_holm for r in rows.values()) >= 0.16
 
 
-def test_retention(findings):
+@pytest.mark.parametrize("noise_protocol, methods", [("caption-shuffle", ("clip", "gmm-filter", "gmm-weight")),
+                                                     ("image-shuffle", ("clip", "gmm-filter", "rcl"))])
+def test_retention(findings, noise_protocol, methods):
     frame = report.load_runs(REFERENCE)
-    (table,) = report.tables(frame[frame.noise_protocol == "caption-shuffle"], "rsum")
-    for method in ("clip", "gmm-filter", "gmm-weight"):
+    (table,) = report.tables(frame[frame.noise_protocol == noise_protocol], "rsum")
+    for method in methods:
         retention = table.robustness[(False, method)][1]
         stated = f"{100 * retention.value:.1f} % [{100 * retention.lo:.1f}, {100 * retention.hi:.1f}]"
         assert stated in findings, (method, stated)
@@ -73,6 +81,9 @@ def test_rcl_beats_the_filters(findings):
     assert _interval(rows[0.4]) in findings and _interval(rows[0.6]) in findings
     assert max(rows[0.4].p_holm, rows[0.6].p_holm) <= 0.041 and rows[0.4].lo > 0 and rows[0.6].lo > 0
     assert _interval(_compare("rcl", "clip")[0.6]) in findings
+    images = _compare("rcl", "gmm-filter", "image-shuffle")
+    assert _interval(images[0.4]) in findings and _interval(images[0.6]) in findings
+    assert max(images[r].p_holm for r in (0.4, 0.6)) <= 0.028 and images[0.4].lo > 0 and images[0.6].lo > 0
 
 
 def test_bicro_is_not_separable_from_ncr(findings):
