@@ -39,6 +39,10 @@ def test_filtering_pays_off_more_the_noisier_the_data(findings):
     images = _compare("gmm-filter", "clip", "image-shuffle")
     assert _interval(images[0.4]) in findings and _interval(images[0.6]) in findings
     assert max(images[r].p_holm for r in (0.4, 0.6)) == pytest.approx(0.003, abs=5e-4)
+    hard = _compare("gmm-filter", "clip", "hard")
+    assert _interval(hard[0.4]) in findings and _interval(hard[0.6]) in findings
+    assert f"(p = {hard[0.4].p:.3f} and {hard[0.6].p:.3f}, Holm {hard[0.6].p_holm:.3f})" in findings
+    assert hard[0.4].p_holm == hard[0.6].p_holm and hard[0.6].difference < images[0.4].difference / 10
 
 
 def test_weighting_and_filtering_are_not_separable(findings):
