@@ -88,6 +88,9 @@ def test_rcl_beats_the_filters(findings):
     images = _compare("rcl", "gmm-filter", "image-shuffle")
     assert _interval(images[0.4]) in findings and _interval(images[0.6]) in findings
     assert max(images[r].p_holm for r in (0.4, 0.6)) <= 0.028 and images[0.4].lo > 0 and images[0.6].lo > 0
+    hard = _compare("rcl", "gmm-filter", "hard")
+    assert _interval(hard[0.4]) in findings and _interval(hard[0.6]) in findings and hard[0.6].lo > 0
+    assert f"(Holm p = {hard[0.4].p_holm:.3f})" in findings and f"(p = {hard[0.6].p:.3f})" in findings
 
 
 def test_bicro_is_not_separable_from_ncr(findings):
