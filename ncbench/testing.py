@@ -19,8 +19,8 @@ from torch import nn
 from ncbench import checkpoint
 from ncbench.backbone import load_backbone
 from ncbench.data import ImageNormalizer, Pairs, Split
-from ncbench.device import autocast_for
 from ncbench.datasets.synthetic import generate
+from ncbench.device import autocast_for
 from ncbench.distributed import World
 from ncbench.harness import carve_clean_subset, make_batch, train_step
 from ncbench.method import BatchIndex, Context, Method, StepOutput, TrainSet
