@@ -134,15 +134,14 @@ def step_benchmark(args: argparse.Namespace, device: torch.device) -> None:
         medians[cls.name], peaks[cls.name] = statistics.median(times), peak_mib(device)
         del method, ctx
 
-    reset_peak(device)
     ctx = tiny_context(CLIPFineTune, **context)
     model = ctx.models[0]
     optimizer = open_clip_optimizer(model, ctx.lr, ctx.weight_decay)
     loss = open_clip.ClipLoss()
-    host = [ctx.train.batch(index) for index in indices[:rounds]]
-    host = [(b.images.cpu(), b.tokens.cpu()) for b in host]
+    host = [(b.images.cpu(), b.tokens.cpu()) for b in map(ctx.train.batch, indices[:rounds])]  # one on the device at a time
     if device.type == "cuda":
         host = [(images.pin_memory(), tokens.pin_memory()) for images, tokens in host]
+    reset_peak(device)  # the mark starts from the model; the batches made above do not count
     times = [synchronized(device, lambda: open_clip_step(model, optimizer, loss, ctx.autocast, *batch, device))
              for batch in host]
     medians["open_clip"], peaks["open_clip"] = statistics.median(times[args.warmup:]), peak_mib(device)
