@@ -138,7 +138,8 @@ def step_benchmark(args: argparse.Namespace, device: torch.device) -> None:
     model = ctx.models[0]
     optimizer = open_clip_optimizer(model, ctx.lr, ctx.weight_decay)
     loss = open_clip.ClipLoss()
-    host = [(b.images.cpu(), b.tokens.cpu()) for b in map(ctx.train.batch, indices[:rounds])]  # one on the device at a time
+    # the batches, made on the device one at a time and kept in host memory, as open_clip's data loader hands them over
+    host = [(b.images.cpu(), b.tokens.cpu()) for b in map(ctx.train.batch, indices[:rounds])]
     if device.type == "cuda":
         host = [(images.pin_memory(), tokens.pin_memory()) for images, tokens in host]
     reset_peak(device)  # the mark starts from the model; the batches made above do not count
