@@ -58,6 +58,9 @@ _PRECISION = typer.Option(None, help="autocast: auto (bf16 on CUDA, full precisi
 _LOG = typer.Option(None, "--log", help="follow losses and metrics in tensorboard or mlflow (extras: ncbench[tensorboard], "
                     "ncbench[mlflow]); not part of the run id")
 _KEEP_MODEL = typer.Option(False, "--keep-model", help="keep the selected model beside the record, for `ncbench export`")
+_PLUGIN = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)")
+_RUNS_OUT = typer.Option(Path("results/runs"), "--out", help="folder of run records")
+_RUN_CACHE = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models")
 
 
 @app.command()
@@ -83,11 +86,11 @@ def run(
     clean_fraction: Optional[float] = typer.Option(
         None, help="training pairs kept clean for methods that use clean data [default 0.02 for them, else 0]"),
     param: List[str] = typer.Option([], "--param", "-p", help="method hyper-parameter name=value (repeatable)"),
-    plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
+    plugin: List[Path] = _PLUGIN,
     log: Optional[str] = _LOG,
     keep_model: bool = _KEEP_MODEL,
-    out_dir: Path = typer.Option(Path("results/runs"), "--out", help="folder of run records"),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models"),
+    out_dir: Path = _RUNS_OUT,
+    cache_dir: Path = _RUN_CACHE,
 ) -> None:
     """Fine-tune a CLIP model with one method on noisy data; evaluate; write one result record."""
     from ncbench.registry import METHODS, load_plugin_file
@@ -150,7 +153,7 @@ def _show_record(record: dict, out_dir: Path) -> None:
 @app.command("list")
 def list_(
     kind: Optional[str] = typer.Argument(None, help="methods, datasets or noises [default: all three]"),
-    plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
+    plugin: List[Path] = _PLUGIN,
 ) -> None:
     """List the registered methods, datasets and noise protocols; a broken plugin is one warning line."""
     from ncbench.registry import REGISTRIES, RegistryError, load_plugin_file
@@ -281,7 +284,7 @@ def sweep(
     selection: Optional[str] = _SELECTION,
     precision: Optional[str] = _PRECISION,
     preset: Optional[str] = typer.Option(None, help="named settings per method and dataset family: paper"),
-    plugin: List[Path] = typer.Option([], "--plugin", help="Python file whose Method/Dataset classes to register (repeatable)"),
+    plugin: List[Path] = _PLUGIN,
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="local: runs at a time: 1 runs them in this process, "
                                        "N > 1 in N `ncbench run` workers with cores/N torch threads each [default 1]"),
     launcher: str = typer.Option("local", help="where the runs execute: local (this machine) or slurm (one job array "
@@ -296,8 +299,8 @@ def sweep(
                                 "--launcher slurm also queued, running or failed); run nothing"),
     log: Optional[str] = _LOG,
     keep_model: bool = _KEEP_MODEL,
-    out_dir: Path = typer.Option(Path("results/runs"), "--out", help="folder of run records"),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="cache of generated data and pretrained models"),
+    out_dir: Path = _RUNS_OUT,
+    cache_dir: Path = _RUN_CACHE,
 ) -> None:
     """Run the grid methods × noise × seeds: skip runs with a record, resume those with a checkpoint."""
     from ncbench import sweep as sweeps
