@@ -487,12 +487,16 @@ def compare(root: Path, a: str, b: str, metric: str = "rsum", protocol: str | No
         keys = {label: (clean, label) for clean in (False, True) for label in table.rows(clean)}
         if a not in keys or b not in keys:
             continue
+        # only the two rows' runs: each run's bootstrap draws depend on the test set alone, so this is the
+        # table's own evidence without resampling the other methods
+        evidence = Evidence(table.runs.loc[table.runs.label.isin([a, b]), list(RUN_COLUMNS)], metric,
+                            table.higher_is_better)
+        value = evidence.runs.value
         for ratio in table.noise:
-            if table.cell(*keys[a], ratio) is None or table.cell(*keys[b], ratio) is None:
+            rows_a, rows_b, _ = evidence.compared_runs(keys[a], keys[b], ratio)
+            if not rows_a or not rows_b:
                 continue
-            rows_a, rows_b, _ = table.evidence.compared_runs(keys[a], keys[b], ratio)
-            value = table.evidence.runs.value
-            e = table.evidence.difference(keys[a], keys[b], ratio)
+            e = evidence.difference(keys[a], keys[b], ratio)
             rows.append({**table.setting, "test_protocol": table.protocol, "metric": metric, "noise": ratio,
                          "a": a, "b": b, "mean_a": value[rows_a].mean(), "mean_b": value[rows_b].mean(),
                          "difference": e.value, "lo": e.lo, "hi": e.hi, "p": e.p, "pairs": e.n, "test": TESTS[e.how]})
