@@ -101,6 +101,26 @@ def test_bicro_is_not_separable_from_ncr(findings):
     assert _interval(_compare("bicro", "gmm-filter")[0.6]) in findings
 
 
+def test_hard_noise_undoes_most_corrections(findings):
+    hard = {m: _compare(m, "clip", "hard") for m in ("ncr", "osa", "decl", "bicro", "npc", "rcl", "mscn", "gmm-weight")}
+
+    def pair(method: str) -> str:
+        return f"({_signed(hard[method][0.4].difference)}, {_signed(hard[method][0.6].difference)})"
+
+    level = [hard[m][r] for m in ("ncr", "osa") for r in (0.4, 0.6)]
+    assert all(r.lo < 0 < r.hi for r in level)
+    assert f"({_interval(hard['ncr'][0.4])}, {_interval(hard['ncr'][0.6])})" in findings and pair("osa") in findings
+    for method in ("decl", "bicro"):
+        row = hard[method][0.4]
+        assert f"({_interval(row)}, Holm p = {row.p_holm:.3f})" in findings and row.hi < 0
+    npc = hard["npc"]
+    assert f"({_interval(npc[0.4])}, Holm p = {npc[0.4].p_holm:.3f}; {_signed(npc[0.6].difference)} at 60 %)" in findings
+    assert npc[0.4].lo > 0 and npc[0.6].lo < 0 < npc[0.6].hi
+    leaders = [hard[m][r] for m in ("rcl", "mscn", "gmm-weight") for r in (0.4, 0.6)]
+    assert all(pair(m) in findings for m in ("rcl", "mscn", "gmm-weight"))
+    assert all(r.lo > 0 for r in leaders) and f"(Holm p ≤ {max(r.p_holm for r in leaders):.3f})" in findings
+
+
 def test_decl_pays_without_noise(findings):
     rows = _compare("decl", "clip")
     assert _interval(rows[0.0]) in findings and rows[0.0].hi < 0 and _interval(rows[0.6]) in findings
