@@ -60,6 +60,9 @@ def test_ncr_trails_one_filtered_model(findings):
     assert _interval(rows[0.4]) in findings and f"Holm p = {rows[0.4].p_holm:.3f}" in findings
     assert f"{_signed(rows[0.2].difference)} at 20 %" in findings and f"{_signed(rows[0.6].difference)} at 60 %" in findings
     assert f"p = {rows[0.2].p:.3f}, {rows[0.6].p:.3f}" in findings
+    images = _compare("ncr", "gmm-filter", "image-shuffle")
+    assert f"{_interval(images[0.4])} at 40 % (Holm p = {images[0.4].p_holm:.3f})" in findings and images[0.4].hi < 0
+    assert f"level at 60 % ({_interval(images[0.6])})" in findings and images[0.6].lo < 0 < images[0.6].hi
 
 
 def test_npc_leads_clip_without_significance(findings):
@@ -143,6 +146,10 @@ def test_npc_official_at_clips_learning_rate(findings):
     assert _interval(hard[0.4]) in findings and _interval(hard[0.6]) in findings
     assert all(hard[r].lo < 0 < hard[r].hi for r in (0.4, 0.6))
     assert f"Holm p ≥ {min(hard[r].p_holm for r in (0.4, 0.6)):.3f}" in findings
+    images = _compare("npc-official", "clip (lr=0.0002)", "image-shuffle")
+    assert _interval(images[0.4]) in findings and _interval(images[0.6]) in findings
+    assert all(images[r].lo < 0 < images[r].hi for r in (0.4, 0.6))
+    assert images[0.4].p_holm == images[0.6].p_holm and f"Holm p = {images[0.6].p_holm:.3f})" in findings
 
 
 def test_the_lower_rate_is_what_costs(findings):
@@ -155,5 +162,11 @@ def test_the_lower_rate_is_what_costs(findings):
     assert max(hard[r].p_holm for r in (0.4, 0.6)) <= 0.038 and "(Holm p ≤ 0.038)" in findings
     gap = _compare("npc-official", "clip", "hard")
     assert _interval(gap[0.4]) in findings and _interval(gap[0.6]) in findings
+    helps = _compare("clip (lr=0.0002)", "clip", "image-shuffle")
+    assert _interval(helps[0.4]) in findings and _interval(helps[0.6]) in findings
+    assert helps[0.4].lo > 0 and helps[0.6].lo > 0
+    assert f"image-shuffle (Holm p = {max(helps[r].p_holm for r in (0.4, 0.6)):.3f})" in findings
+    lead = _compare("npc-official", "clip", "image-shuffle")
+    assert f"`npc-official` − `clip` {_interval(lead[0.4])} and {_interval(lead[0.6])}" in findings
     paper = _compare("npc", "clip (lr=0.0002)")
     assert _interval(paper[0.4]) in findings and f"(p = {paper[0.4].p:.3f}," in findings
