@@ -220,6 +220,19 @@ def test_records_with_ranks_use_the_query_bootstrap(tmp_path, capsys):
     assert np.allclose(frame.difference, frame.mean_a - frame.mean_b) and (frame.lo > 0).all()
 
 
+def test_compare_equals_the_tables_own_evidence(tmp_path):
+    """compare resamples only its two rows' runs; its figures are those of the whole table's evidence."""
+    root = _records_with_ranks(tmp_path, shift_gmm=True)
+    frame = report.load_runs(root)
+    (table,) = report.tables(frame[frame.noise_protocol == "caption-shuffle"], "rsum")
+    assert len(set(table.runs.label)) > 2 and all(r is not None for r in table.runs.ranks)
+    compared = report.compare(root, "gmm-filter", "clip", noise_protocol="caption-shuffle")
+    assert len(compared) == 2
+    for row in compared.itertuples():
+        e = table.evidence.difference((False, "gmm-filter"), (False, "clip"), row.noise)
+        assert (row.difference, row.lo, row.hi, row.p, row.pairs) == (e.value, e.lo, e.hi, e.p, e.n)
+
+
 def test_compare_formats_and_errors(tmp_path, capsys):
     main(["compare", "gmm-filter", "clip", "--results", str(RECORDS), "--format", "md"])
     text = capsys.readouterr().out
