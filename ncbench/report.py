@@ -160,7 +160,13 @@ class Table:
 
     @cached_property
     def evidence(self) -> Evidence:
-        return Evidence(self.runs[list(RUN_COLUMNS)], self.metric, self.higher_is_better)
+        return self.evidence_of(set(self.runs.label))
+
+    def evidence_of(self, labels: set[str]) -> Evidence:
+        """The evidence of these rows' runs alone; each run's bootstrap draws depend on the test set only, so its
+        figures are the whole table's without resampling the other rows."""
+        runs = self.runs[self.runs.label.isin(labels)]
+        return Evidence(runs[list(RUN_COLUMNS)], self.metric, self.higher_is_better)
 
     @cached_property
     def stats(self) -> pd.DataFrame:
@@ -487,10 +493,7 @@ def compare(root: Path, a: str, b: str, metric: str = "rsum", protocol: str | No
         keys = {label: (clean, label) for clean in (False, True) for label in table.rows(clean)}
         if a not in keys or b not in keys:
             continue
-        # only the two rows' runs: each run's bootstrap draws depend on the test set alone, so this is the
-        # table's own evidence without resampling the other methods
-        evidence = Evidence(table.runs.loc[table.runs.label.isin([a, b]), list(RUN_COLUMNS)], metric,
-                            table.higher_is_better)
+        evidence = table.evidence_of({a, b})
         value = evidence.runs.value
         for ratio in table.noise:
             rows_a, rows_b, _ = evidence.compared_runs(keys[a], keys[b], ratio)
