@@ -8,13 +8,12 @@ parquet file or folder name), else the fixed-seed split of :func:`ncbench.datase
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ncbench.data import Dataset, Pairs, check_captions
+from ncbench.data import Dataset, Pairs, check_captions, read_json_object
 from ncbench.datasets.streamed import SPLITS, Sample, build_splits, check_split_sizes, read_sidecar, seeded_split
 from ncbench.errors import UserError
 
@@ -22,6 +21,7 @@ SPLIT_OF = {"train": "train", "restval": "train", "val": "dev", "validation": "d
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp", "image_bytes")
 CAPTION_COLUMNS = ("caption", "captions", "sentences", "text", "raw")
 SIDECAR_OPTIONS = {"image": str, "caption": str, "split": str, "clean": bool}
+_LAYOUTS = "datasets/README.md#hf"
 _FILE_SPLIT = re.compile(r"^(train|restval|val|validation|dev|test)(?:[-_.]|$)")
 
 
@@ -77,7 +77,7 @@ def _arrow_reader(pa, path: Path):
 def find_tables(root: Path) -> list[Table]:
     """The data files of ``root``: a ``DatasetDict`` or ``Dataset`` saved with ``save_to_disk``, or parquet files."""
     if (root / "dataset_dict.json").is_file():
-        splits = _json(root / "dataset_dict.json").get("splits")
+        splits = read_json_object(root / "dataset_dict.json", layouts=_LAYOUTS).get("splits")
         if not (isinstance(splits, list) and splits):
             raise UserError(f"{root / 'dataset_dict.json'}: expected {{\"splits\": [names]}} as save_to_disk writes it")
         return [t for name in splits for t in _saved(root / str(name), str(name))]
@@ -91,7 +91,7 @@ def find_tables(root: Path) -> list[Table]:
 
 
 def _saved(folder: Path, split: str | None) -> list[Table]:
-    files = _json(folder / "state.json").get("_data_files")
+    files = read_json_object(folder / "state.json", layouts=_LAYOUTS).get("_data_files")
     if not (isinstance(files, list) and files and all(isinstance(f, dict) and "filename" in f for f in files)):
         raise UserError(f"{folder / 'state.json'}: expected '_data_files' with file names, as save_to_disk writes it")
     tables = [Table(folder / f["filename"], split) for f in files]
@@ -99,18 +99,6 @@ def _saved(folder: Path, split: str | None) -> list[Table]:
     if missing:
         raise UserError(f"{folder / 'state.json'}: names {missing[0]}, which is missing")
     return tables
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"missing file {path} (layouts: datasets/README.md#hf)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a JSON file ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def _split_of_path(relative: Path) -> str | None:

@@ -8,13 +8,12 @@ an image are its captions, as SCAN keeps five per image. The exact layout is in 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from ncbench.data import Dataset, Pairs, Split, cached_images, check_captions, inside
+from ncbench.data import Dataset, Pairs, Split, cached_images, check_captions, inside, read_json_object
 from ncbench.datasets.scan import SPLITS, file_pairs
 from ncbench.errors import UserError
 
@@ -61,15 +60,10 @@ class KarpathyJSON(Dataset):
 
 
 def _images(path: Path) -> list:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"missing file {path} (layouts: datasets/README.md)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a JSON file ({err})") from None
-    images = data.get("images") if isinstance(data, dict) else None
+    expected = "a JSON object with an 'images' list (Karpathy's split format)"
+    images = read_json_object(path, expected).get("images")
     if not isinstance(images, list):
-        raise UserError(f"{path}: expected a JSON object with an 'images' list (Karpathy's split format)")
+        raise UserError(f"{path}: expected {expected}")
     return images
 
 

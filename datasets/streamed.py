@@ -7,7 +7,6 @@ shards or arrow/parquet columns. Each split's cache is the same file format and 
 """
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -17,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ncbench.data import IMAGE_CACHE_VERSION, Split, decode_bytes
+from ncbench.data import IMAGE_CACHE_VERSION, Split, decode_bytes, read_json_object
 from ncbench.errors import UserError
 from ncbench.progress import progress_bar
 from ncbench.seeding import stable_hash
@@ -44,12 +43,7 @@ def read_sidecar(folder: Path, allowed: dict[str, type]) -> dict:
     path = Path(folder) / SIDECAR
     if not path.is_file():
         return {}
-    try:
-        options = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not a JSON file ({err})") from None
-    if not isinstance(options, dict):
-        raise UserError(f"{path}: expected a JSON object of options ({', '.join(allowed)})")
+    options = read_json_object(path, f"a JSON object of options ({', '.join(allowed)})")
     for name, value in options.items():
         if name not in allowed:
             raise UserError(f"{path}: unknown option {name!r}; expected {', '.join(allowed)}")

@@ -1,6 +1,7 @@
 """Image–caption data as the harness sees it: splits of uint8 images and captions, and torch views."""
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,6 +126,19 @@ def read_lines(path: Path) -> list[str]:
         raise UserError(f"missing file {path} (layouts: datasets/README.md)") from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def read_json_object(path: Path, expected: str = "a JSON object", layouts: str = "datasets/README.md") -> dict:
+    """The JSON object in ``path``; a missing file, bad JSON or another value is a one-line error naming ``path``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"missing file {path} (layouts: {layouts})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected {expected}")
+    return data
 
 
 def check_captions(captions: Sequence[str], source: Path | str) -> None:
