@@ -96,12 +96,24 @@ def test_rcl_beats_the_filters(findings):
     assert f"(Holm p = {hard[0.4].p_holm:.3f})" in findings and f"(p = {hard[0.6].p:.3f})" in findings
 
 
-def test_bicro_is_not_separable_from_ncr(findings):
+def _mean_auroc(method: str, noise_protocol: str, noise: float) -> float:
+    runs = report.load_runs(REFERENCE)
+    chosen = runs[(runs.method == method) & (runs.noise_protocol == noise_protocol) & (runs.noise.round(2) == noise)]
+    assert len(chosen) == 3
+    return float(chosen.auroc.mean())
+
+
+def test_bicro_ties_ncr_until_whole_images_are_repaired(findings):
     rows = _compare("bicro", "ncr")
     low, high = min(r.difference for r in rows.values()), max(r.difference for r in rows.values())
     assert f"from {_signed(low)} to {_signed(high)}" in findings
     assert f"Holm p ≥ {min(r.p_holm for r in rows.values()):.3f}" in findings
-    assert _interval(_compare("bicro", "gmm-filter")[0.6]) in findings
+    images = _compare("bicro", "ncr", "image-shuffle")
+    assert f"{_interval(images[0.4])} at 40 % and {_interval(images[0.6])} at 60 % image-shuffle" in findings
+    assert images[0.4].hi < 0 and images[0.6].hi < 0
+    assert f"image-shuffle (Holm p = {max(images[r].p_holm for r in (0.4, 0.6)):.3f}), with" in findings
+    detection = [_mean_auroc(m, "image-shuffle", 0.6) for m in ("bicro", "ncr")]
+    assert "AUROC ({:.3f} against {:.3f} at 60 %)".format(*detection) in findings
 
 
 def test_hard_noise_undoes_most_corrections(findings):
@@ -170,3 +182,9 @@ def test_the_lower_rate_is_what_costs(findings):
     assert f"`npc-official` − `clip` {_interval(lead[0.4])} and {_interval(lead[0.6])}" in findings
     paper = _compare("npc", "clip (lr=0.0002)")
     assert _interval(paper[0.4]) in findings and f"(p = {paper[0.4].p:.3f}," in findings
+    hard = _compare("npc", "clip (lr=0.0002)", "hard")
+    assert f"{_interval(hard[0.4])} at 40 % hard (Holm p = {hard[0.4].p_holm:.3f}; " in findings and hard[0.4].lo > 0
+    assert f"{_signed(hard[0.6].difference)} at 60 %, p = {hard[0.6].p:.3f})" in findings and hard[0.6].lo < 0
+    images = _compare("npc", "clip (lr=0.0002)", "image-shuffle")
+    assert f"{_interval(images[0.4])} at 40 % and {_interval(images[0.6])} at 60 % image-shuffle (Holm" in findings
+    assert images[0.4].lo > 0 and images[0.6].lo > 0 and f"p = {max(images[r].p_holm for r in (0.4, 0.6)):.3f}, three" in findings
