@@ -37,8 +37,9 @@ def test_filtering_pays_off_more_the_noisier_the_data(findings):
         assert _interval(rows[ratio]) in findings and rows[ratio].p_holm <= 0.009
     assert _interval(rows[0.0]) in findings and rows[0.0].p > 0.05
     images = _compare("gmm-filter", "clip", "image-shuffle")
-    assert _interval(images[0.4]) in findings and _interval(images[0.6]) in findings
-    assert max(images[r].p_holm for r in (0.4, 0.6)) == pytest.approx(0.003, abs=5e-4)
+    assert f"{_interval(images[0.2])} at 20 %, {_interval(images[0.4])} at 40 % and {_interval(images[0.6])}" in findings
+    assert f"at 60 % (Holm p = {max(images[r].p_holm for r in (0.2, 0.4, 0.6)):.3f}), but" in findings
+    assert min(images[r].lo for r in (0.2, 0.4, 0.6)) > 0
     hard = _compare("gmm-filter", "clip", "hard")
     assert _interval(hard[0.4]) in findings and _interval(hard[0.6]) in findings
     assert f"(p = {hard[0.4].p:.3f} and {hard[0.6].p:.3f}, Holm {hard[0.6].p_holm:.3f})" in findings
@@ -90,7 +91,8 @@ def test_rcl_beats_the_filters(findings):
     assert _interval(_compare("rcl", "clip")[0.6]) in findings
     images = _compare("rcl", "gmm-filter", "image-shuffle")
     assert _interval(images[0.4]) in findings and _interval(images[0.6]) in findings
-    assert max(images[r].p_holm for r in (0.4, 0.6)) <= 0.028 and images[0.4].lo > 0 and images[0.6].lo > 0
+    assert f"(Holm p ≤ {max(images[r].p_holm for r in (0.4, 0.6)):.3f})," in findings
+    assert images[0.4].lo > 0 and images[0.6].lo > 0
     hard = _compare("rcl", "gmm-filter", "hard")
     assert _interval(hard[0.4]) in findings and _interval(hard[0.6]) in findings and hard[0.6].lo > 0
     assert f"(Holm p = {hard[0.4].p_holm:.3f})" in findings and f"(p = {hard[0.6].p:.3f})" in findings
