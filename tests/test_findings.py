@@ -41,8 +41,11 @@ def test_filtering_pays_off_more_the_noisier_the_data(findings):
     assert f"at 60 % (Holm p = {max(images[r].p_holm for r in (0.2, 0.4, 0.6)):.3f}), but" in findings
     assert min(images[r].lo for r in (0.2, 0.4, 0.6)) > 0
     hard = _compare("gmm-filter", "clip", "hard")
+    assert f"{_interval(hard[0.2])} at 20 % (Holm p = {hard[0.2].p_holm:.3f})" in findings and hard[0.2].lo > 0
     assert _interval(hard[0.4]) in findings and _interval(hard[0.6]) in findings
     assert f"(p = {hard[0.4].p:.3f} and {hard[0.6].p:.3f}, Holm {hard[0.6].p_holm:.3f})" in findings
+    gains = [hard[r].difference for r in (0.2, 0.4, 0.6)]
+    assert max(gains) - min(gains) < 1.5  # "does not grow with the noise"
     assert hard[0.4].p_holm == hard[0.6].p_holm and hard[0.6].difference < images[0.4].difference / 10
 
 
