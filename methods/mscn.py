@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ncbench.errors import UserError
-from ncbench.losses import pair_logits, per_pair_infonce
+from ncbench import losses
+from ncbench.losses import pair_logits
 from ncbench.method import Batch, Context, Method, StepOutput, TrainSet, shuffled_batches
 from ncbench.optim import set_lr
 
@@ -102,7 +103,7 @@ def project(pooled: Tensor, proj: Tensor) -> Tensor:
 
 def weighted_infonce(u: Tensor, v: Tensor, logit_scale: Tensor, w: Tensor) -> Tensor:
     """(1/B) Σ_i w_i · ½[CE_i2t(i) + CE_t2i(i)] with in-batch negatives (docs/methods/mscn.md#weights); w ≡ 1 is CLIP's loss."""
-    return (w * per_pair_infonce(pair_logits(u, v, logit_scale))).mean()
+    return losses.weighted_infonce(pair_logits(u, v, logit_scale), w)
 
 
 def virtual_projections(meta_net: MetaNet, pooled: Sequence[Tensor], proj: Sequence[Tensor], logit_scale: Tensor,

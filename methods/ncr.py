@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ncbench.errors import UserError
-from ncbench.losses import infonce, pair_logits, per_pair_infonce, per_pair_soft_infonce
+from ncbench.losses import infonce, pair_logits, per_pair_soft_infonce, weighted_infonce
 from ncbench.method import Batch, Context, Method, StepOutput, shuffled_batches
 from ncbench.mixture import DivisionParams, divide, division_threshold
 from ncbench.seeding import derive_seed
@@ -88,7 +88,7 @@ class CoDivided(Method):
 
     def _soft_loss(self, logits: Tensor, y: Tensor) -> Tensor:
         if self.params.soft_loss == "weighted":
-            return (y * per_pair_infonce(logits)).mean()
+            return weighted_infonce(logits, y)
         return per_pair_soft_infonce(logits, y).mean()
 
     def clean_scores(self) -> np.ndarray | None:

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncbench.errors import UserError
-from ncbench.losses import pair_logits
+from ncbench.losses import pair_logits, weighted_infonce
 from ncbench.method import Batch, Context, Method, StepOutput
 from ncbench.seeding import derive_seed
 
@@ -47,14 +46,6 @@ def osa_weight(x: Tensor) -> Tensor:
     """OSA's weight ``w = x²(1 − x²)`` (``weight_function``: ``−x²(x − 1)(x + 1)``): 0 at or below the origin
     and for the batch's most similar pair, largest (¼) at x = 1/√2."""
     return x.pow(2) * (1 - x.pow(2))
-
-
-def weighted_infonce(logits: Tensor, w: Tensor) -> Tensor:
-    """``½[mean_i w_i·CE_i2t(i) + mean_i w_i·CE_t2i(i)]`` (``CrossEn`` in both directions): mean over the batch,
-    not over the weights."""
-    target = torch.arange(len(logits), device=logits.device)
-    ce = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none")
-    return 0.5 * (w * ce).mean()
 
 
 @torch.no_grad()

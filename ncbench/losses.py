@@ -22,6 +22,12 @@ def infonce(logits: Tensor) -> Tensor:
     return per_pair_infonce(logits).mean()
 
 
+def weighted_infonce(logits: Tensor, w: Tensor) -> Tensor:
+    """``(1/B) Σ_i w_i · per_pair_infonce_i``: each pair's loss scaled by its weight, averaged over the batch (not over
+    the weights); ``w ≡ 1`` is :func:`infonce`."""
+    return (w * per_pair_infonce(logits)).mean()
+
+
 def per_pair_soft_infonce(logits: Tensor, y: Tensor) -> Tensor:
     """Per-pair symmetric cross-entropy against soft targets ``T_ij = y_i·δ_ij + (1 − y_i)/B`` (docs/methods/ncr.md#ncr-a2,
     ``soft_target``): at ``y_i = 1`` it is :func:`per_pair_infonce`; at ``y_i = 0`` pair i's target is uniform."""

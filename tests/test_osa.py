@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ncbench.errors import UserError
-from ncbench.losses import pair_logits
-from ncbench.methods.osa import OSA, OSAParams, normalised_logit, origin_logit, osa_weight, weighted_infonce
+from ncbench.losses import pair_logits, weighted_infonce
+from ncbench.methods.osa import OSA, OSAParams, normalised_logit, origin_logit, osa_weight
 from ncbench.testing import parameters, step, tiny_context
 
 
