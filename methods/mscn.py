@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ncbench.errors import UserError
-from ncbench import losses
-from ncbench.losses import pair_logits
+from ncbench.losses import infonce, pair_logits, weighted_infonce
 from ncbench.method import Batch, Context, Method, StepOutput, TrainSet, shuffled_batches
 from ncbench.optim import set_lr
 
@@ -101,11 +100,6 @@ def project(pooled: Tensor, proj: Tensor) -> Tensor:
     return F.normalize(pooled @ proj, dim=-1)
 
 
-def weighted_infonce(u: Tensor, v: Tensor, logit_scale: Tensor, w: Tensor) -> Tensor:
-    """(1/B) Σ_i w_i · ½[CE_i2t(i) + CE_t2i(i)] with in-batch negatives (docs/methods/mscn.md#weights); w ≡ 1 is CLIP's loss."""
-    return losses.weighted_infonce(pair_logits(u, v, logit_scale), w)
-
-
 def virtual_projections(meta_net: MetaNet, pooled: Sequence[Tensor], proj: Sequence[Tensor], logit_scale: Tensor,
                         lr: float, v_hat: Sequence[Tensor | None] | None, eps: float) -> list[Tensor]:
     """STEP 1 (MSCN paper Eq. 7; docs/methods/mscn.md#virtual-step): the virtual projections P' as a differentiable function of θ.
@@ -117,7 +111,7 @@ def virtual_projections(meta_net: MetaNet, pooled: Sequence[Tensor], proj: Seque
     leaves = [p.detach().requires_grad_() for p in proj]
     u, v = (project(x.detach(), p) for x, p in zip(pooled, leaves))
     w = gamma_hat(torch.sigmoid(meta_net(u.detach(), v.detach())))
-    grads = torch.autograd.grad(weighted_infonce(u, v, logit_scale.detach(), w), leaves, create_graph=True)
+    grads = torch.autograd.grad(weighted_infonce(pair_logits(u, v, logit_scale.detach()), w), leaves, create_graph=True)
     if v_hat is None:
         return [p.detach() - lr * g for p, g in zip(proj, grads)]
     return [p.detach() - lr * g / ((g.detach().square() if vh is None else vh).sqrt() + eps)
@@ -310,10 +304,10 @@ class MSCN(Method):
         self.step += 1
         u, v = (project(x, p) for x, p in zip(pooled, self.proj))
         if not main:
-            return StepOutput({"loss": weighted_infonce(u, v, model.logit_scale, torch.ones_like(u[:, 0]))}, logs)
+            return StepOutput({"loss": infonce(pair_logits(u, v, model.logit_scale))}, logs)
         with torch.no_grad():
             w = gamma_hat(torch.sigmoid(self.meta_net(u, v)))
-        return StepOutput({"loss": weighted_infonce(u, v, model.logit_scale, w)},
+        return StepOutput({"loss": weighted_infonce(pair_logits(u, v, model.logit_scale), w)},
                           {"weight": w.mean(), "kept": float(self.keep.mean()), "em_used": float(self.used_em), **logs})
 
     def _meta_update(self, pooled: tuple[Tensor, Tensor], main: bool) -> dict[str, Tensor]:
