@@ -77,6 +77,14 @@ def run(cfg: RunConfig, out_root: Path, cache_dir: Path, options: RunOptions = R
     world = distributed.world()
     check(cfg, world)
     tracking.check_tracker(options.log)
+    record = _train_and_record(cfg, run_dir, cache_dir, options, world)
+    distributed.close(world)  # the models went with _train_and_record's frame
+    return record
+
+
+def _train_and_record(cfg: RunConfig, run_dir: Path, cache_dir: Path, options: RunOptions,
+                      world: distributed.World) -> dict | None:
+    """The run under its lock: prepare, train (resuming), evaluate and write the record (rank 0 only)."""
     with lock.hold(run_dir, enabled=world.is_main):  # a second process on the same run stops here
         done = load_record(run_dir)
         if done is not None and done.get("status") == "complete":
