@@ -1,4 +1,4 @@
-"""Every registered method, the built-ins and the example plugin alike, keeps the method contract."""
+"""Every registered method, the built-ins and the example plugins alike, keeps the method contract."""
 from pathlib import Path
 
 import pytest
@@ -6,12 +6,14 @@ import pytest
 from ncbench.registry import METHODS, load_plugin_file
 from ncbench.testing import check_method
 
-EXAMPLE_PLUGIN = (Path(__file__).resolve().parents[1] / "examples" / "ncbench-example-plugin" / "src"
-                  / "ncbench_example_plugin" / "sce.py")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE_PLUGINS = (EXAMPLES / "ncbench-example-plugin" / "src" / "ncbench_example_plugin" / "sce.py",
+                   EXAMPLES / "ablations" / "ncr_labeled_only.py")
 
 
 def _methods() -> list[str]:
-    load_plugin_file(EXAMPLE_PLUGIN)
+    for plugin in EXAMPLE_PLUGINS:
+        load_plugin_file(plugin)
     return sorted(METHODS.entries())
 
 
@@ -22,4 +24,4 @@ def test_method_conforms(name, tmp_path):
 
 def test_the_builtins_and_the_example_plugin_are_all_checked():
     assert {"clip", "gmm-filter", "gmm-weight", "ncr", "npc", "npc-official", "mscn", "decl", "bicro", "rcl", "osa",
-            "sce"} <= set(_methods())
+            "sce", "ncr-labeled-only"} <= set(_methods())

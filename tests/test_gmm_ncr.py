@@ -1,5 +1,6 @@
 """GMM division (docs/methods/gmm-filter.md), gmm-filter / gmm-weight, and NCR's co-divide and soft labels (docs/methods/ncr.md)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from ncbench.method import Batch, Context, Method
 from ncbench.methods.gmm_filter import GmmFilter, GmmWeight
 from ncbench.methods.ncr import NCR, NCRParams, ncr_confidence
 from ncbench.mixture import DivisionParams, clean_posterior, division_threshold
+from ncbench.registry import METHODS, load_plugin_file
 from ncbench.testing import parameters, step, tiny_context
 
 
@@ -228,3 +230,23 @@ def test_cli_records_detection_metrics_each_epoch(cli, tmp_path, method, evaluat
     assert 0 <= detection["auroc"] <= 1 and 0 < detection["kept_frac"] < 1
     for key in ("auroc", "precision", "recall", "f1"):
         assert f"{key} {detection[key]:.3f}" in " ".join(proc.stdout.split())
+
+
+def test_the_co_guessing_ablation_is_ncr_without_its_unlabeled_batches():
+    """examples/ablations/ncr_labeled_only.py (docs/methods/ncr.md#co-guessing): ncr's batches, orders included,
+    less the co-guessed ones."""
+    load_plugin_file(Path(__file__).resolve().parents[1] / "examples" / "ablations" / "ncr_labeled_only.py")
+    ctx = _context(NCR, epochs=2)
+    w = np.stack([np.where(np.arange(len(ctx.train)) % 2 == 0, 0.9, 0.1), np.full(len(ctx.train), 0.8)])
+    w[1, :10] = 0.2  # B's division leaves A ten noisy pairs
+    plans = []
+    for method in (NCR(), METHODS.get("ncr-labeled-only")()):
+        method.setup(ctx)
+        method.load_state_dict({"w": w})
+        plans.append(list(method.epoch_batches(1)))
+    ncr, ablation = plans
+    assert {"a_unlabeled", "b_unlabeled"} <= set().union(*ncr)
+    assert len(ablation) == len(ncr)
+    for full, kept in zip(ncr, ablation):
+        assert set(kept) == {name for name in full if not name.endswith("_unlabeled")}
+        assert all(np.array_equal(kept[name], full[name]) for name in kept)

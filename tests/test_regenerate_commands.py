@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 from ncbench import sweep
+from ncbench.registry import load_plugin_file
 from ncbench.results import RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,11 @@ def expanded_run_ids(args: list[str]) -> set[str]:
     parser = argparse.ArgumentParser()
     for flag in ("--methods", "--noise", "--seeds", "--noise-protocol", "--lr", "--out"):
         parser.add_argument(flag)
+    parser.add_argument("--plugin", action="append", default=[])
     flags = parser.parse_args(args)
+    plugins = [ROOT / path for path in flags.plugin]
+    for path in plugins:
+        load_plugin_file(path)
     assert Path(flags.out) == Path("results/reference"), args
     settings = dict(noise_protocol=flags.noise_protocol, dataset="synthetic", data_root=None, epochs=None,
                     batch_size=None, lr=None if flags.lr is None else float(flags.lr), model=None, pretrained=None,
