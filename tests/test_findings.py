@@ -1,11 +1,13 @@
 """The README's findings are what the committed records say: each figure is recomputed here."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from ncbench import report
+from ncbench.results import RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"
@@ -65,8 +67,23 @@ def test_ncr_trails_one_filtered_model(findings):
     assert f"{_signed(rows[0.2].difference)} at 20 %" in findings and f"{_signed(rows[0.6].difference)} at 60 %" in findings
     assert f"p = {rows[0.2].p:.3f}, {rows[0.6].p:.3f}" in findings
     images = _compare("ncr", "gmm-filter", "image-shuffle")
-    assert f"{_interval(images[0.4])} at 40 % (Holm p = {images[0.4].p_holm:.3f})" in findings and images[0.4].hi < 0
+    for ratio, percent in ((0.2, 20), (0.4, 40)):
+        row = images[ratio]
+        assert f"{_interval(row)} at {percent} % (Holm p = {row.p_holm:.3f})" in findings and row.hi < 0
     assert f"level at 60 % ({_interval(images[0.6])})" in findings and images[0.6].lo < 0 < images[0.6].hi
+
+
+def test_ncr_without_its_co_guessed_term_gains_and_reaches_gmm_filter(findings):
+    over_ncr = {p: _compare("ncr-labeled-only", "ncr", p) for p in ("image-shuffle", "hard")}
+    images, hard = over_ncr["image-shuffle"], over_ncr["hard"]
+    assert f"{_interval(images[0.2])} and {_interval(images[0.4])} at 20 and 40 % image-shuffle" in findings
+    assert f"image-shuffle (Holm p = {max(images[r].p_holm for r in (0.2, 0.4)):.3f})" in findings
+    assert f"{_interval(hard[0.4])} at 40 % hard (p = {hard[0.4].p:.3f})" in findings
+    assert all(row.lo > 0 for rows in over_ncr.values() for row in rows.values())
+    over_filter = [_compare("ncr-labeled-only", "gmm-filter", "image-shuffle")[r] for r in (0.2, 0.4)]
+    over_filter.append(_compare("ncr-labeled-only", "gmm-filter", "hard")[0.4])
+    assert "({})".format(", ".join(_interval(row) for row in over_filter)) in findings
+    assert all(row.difference > 0 for row in over_filter)  # level with or above
 
 
 def test_npc_leads_clip_without_significance(findings):
@@ -114,9 +131,10 @@ def test_bicro_ties_ncr_until_whole_images_are_repaired(findings):
     assert f"from {_signed(low)} to {_signed(high)}" in findings
     assert f"Holm p ≥ {min(r.p_holm for r in rows.values()):.3f}" in findings
     images = _compare("bicro", "ncr", "image-shuffle")
-    assert f"{_interval(images[0.4])} at 40 % and {_interval(images[0.6])} at 60 % image-shuffle" in findings
-    assert images[0.4].hi < 0 and images[0.6].hi < 0
-    assert f"image-shuffle (Holm p = {max(images[r].p_holm for r in (0.4, 0.6)):.3f}), with" in findings
+    assert (f"{_interval(images[0.2])} at 20 %, {_interval(images[0.4])} at 40 % and {_interval(images[0.6])} at 60 % "
+            "image-shuffle") in findings
+    assert all(images[r].hi < 0 for r in (0.2, 0.4, 0.6))
+    assert f"image-shuffle (Holm p = {max(images[r].p_holm for r in (0.2, 0.4, 0.6)):.3f}), with" in findings
     detection = [_mean_auroc(m, "image-shuffle", 0.6) for m in ("bicro", "ncr")]
     assert "AUROC ({:.3f} against {:.3f} at 60 %)".format(*detection) in findings
 
@@ -193,3 +211,28 @@ def test_the_lower_rate_is_what_costs(findings):
     images = _compare("npc", "clip (lr=0.0002)", "image-shuffle")
     assert f"{_interval(images[0.4])} at 40 % and {_interval(images[0.6])} at 60 % image-shuffle (Holm" in findings
     assert images[0.4].lo > 0 and images[0.6].lo > 0 and f"p = {max(images[r].p_holm for r in (0.4, 0.6)):.3f}, three" in findings
+
+
+def _records(method: str) -> list[dict]:
+    return [r for r in map(json.loads, map(Path.read_text, REFERENCE.glob(f"*/{RECORD}")))
+            if r["config"]["method"] == method and r["noise"]["ratio"] > 0]
+
+
+def test_ncr_docs_state_what_the_co_guessed_term_does_to_dev_rsum():
+    """docs/methods/ncr.md#co-guessing: the dev rSum change from epoch 2 to epoch 3, where the term starts."""
+    text = " ".join((ROOT / "docs" / "methods" / "ncr.md").read_text().split())
+    by_protocol = {"caption-shuffle": [], "other": []}
+    for record in _records("ncr"):
+        dev = [epoch["dev"]["rsum"] for epoch in record["epochs"]]
+        group = "caption-shuffle" if record["config"]["noise_protocol"] == "caption-shuffle" else "other"
+        by_protocol[group].append((dev[2] - dev[1], record["selection"]["epoch"]))
+    other, caption = by_protocol["other"], by_protocol["caption-shuffle"]
+    assert all(change < 0 and epoch == 2 for change, epoch in other)
+    losses = sorted(-change for change, _ in other)
+    assert f"every one of the {len(other)} noisy `ncr` records" in text
+    assert f"by {losses[0]:.1f} to {losses[-1]:.1f}" in text
+    caption_losses = [-change for change, _ in caption if change < 0]
+    assert f"caption-shuffle {len(caption_losses)} of {len(caption)} lose (by at most {max(caption_losses):.1f})" in text
+    assert f"and {sum(epoch == 2 for _, epoch in caption)} keep epoch 2" in text
+    ablation = [record["selection"]["epoch"] for record in _records("ncr-labeled-only")]
+    assert f"all {len(ablation)} of its runs are selected at epoch 4 or 5" in text and min(ablation) >= 4
