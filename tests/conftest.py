@@ -61,6 +61,8 @@ def cli():
 RUN_FLAGS = ("--dataset", "synthetic-mini", "--epochs", "1", "--noise", "0.4", "--lr", "2e-3", "--batch-size", "128",
              "--cache-dir", os.environ["NCBENCH_CACHE"])
 CLIP_RUN = ("run", "--method", "clip", *RUN_FLAGS)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NCR_ABLATION_PLUGIN = EXAMPLES / "ablations" / "ncr_labeled_only.py"  # ncr less its co-guessed term
 
 
 @pytest.fixture(scope="session")

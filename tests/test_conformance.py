@@ -1,14 +1,11 @@
 """Every registered method, the built-ins and the example plugins alike, keeps the method contract."""
-from pathlib import Path
-
 import pytest
+from conftest import EXAMPLES, NCR_ABLATION_PLUGIN
 
 from ncbench.registry import METHODS, load_plugin_file
 from ncbench.testing import check_method
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-EXAMPLE_PLUGINS = (EXAMPLES / "ncbench-example-plugin" / "src" / "ncbench_example_plugin" / "sce.py",
-                   EXAMPLES / "ablations" / "ncr_labeled_only.py")
+EXAMPLE_PLUGINS = (EXAMPLES / "ncbench-example-plugin" / "src" / "ncbench_example_plugin" / "sce.py", NCR_ABLATION_PLUGIN)
 
 
 def _methods() -> list[str]:

@@ -1,13 +1,12 @@
 """The README's findings are what the committed records say: each figure is recomputed here."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from ncbench import report
-from ncbench.results import RECORD
+from ncbench.results import iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"
@@ -214,8 +213,8 @@ def test_the_lower_rate_is_what_costs(findings):
 
 
 def _records(method: str) -> list[dict]:
-    return [r for r in map(json.loads, map(Path.read_text, REFERENCE.glob(f"*/{RECORD}")))
-            if r["config"]["method"] == method and r["noise"]["ratio"] > 0]
+    """The method's committed records on noisy data."""
+    return [r for r in iter_records(REFERENCE) if r["config"]["method"] == method and r["noise"]["ratio"] > 0]
 
 
 def test_ncr_docs_state_what_the_co_guessed_term_does_to_dev_rsum():

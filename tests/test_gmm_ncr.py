@@ -1,10 +1,10 @@
 """GMM division (docs/methods/gmm-filter.md), gmm-filter / gmm-weight, and NCR's co-divide and soft labels (docs/methods/ncr.md)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import NCR_ABLATION_PLUGIN
 
 from ncbench.errors import UserError
 from ncbench.losses import infonce, pair_logits, per_pair_infonce, per_pair_soft_infonce
@@ -235,7 +235,7 @@ def test_cli_records_detection_metrics_each_epoch(cli, tmp_path, method, evaluat
 def test_the_co_guessing_ablation_is_ncr_without_its_unlabeled_batches():
     """examples/ablations/ncr_labeled_only.py (docs/methods/ncr.md#co-guessing): ncr's batches, orders included,
     less the co-guessed ones."""
-    load_plugin_file(Path(__file__).resolve().parents[1] / "examples" / "ablations" / "ncr_labeled_only.py")
+    load_plugin_file(NCR_ABLATION_PLUGIN)
     ctx = _context(NCR, epochs=2)
     w = np.stack([np.where(np.arange(len(ctx.train)) % 2 == 0, 0.9, 0.1), np.full(len(ctx.train), 0.8)])
     w[1, :10] = 0.2  # B's division leaves A ten noisy pairs
