@@ -3,13 +3,12 @@ record in results/reference, and every record there is one of those runs."""
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
 from ncbench import sweep
 from ncbench.registry import load_plugin_file
-from ncbench.results import RECORD
+from ncbench.results import RECORD, iter_records
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"
@@ -54,18 +53,14 @@ def test_regenerate_commands_are_the_committed_grid(monkeypatch):
     assert sorted(committed - expected) == [], "committed records no README command regenerates"
 
 
-def test_readme_states_the_committed_record_count():
-    count = sum(1 for _ in REFERENCE.glob(f"*/{RECORD}"))
-    assert f"{count} records in all" in " ".join((ROOT / "README.md").read_text().split())
-
-
-def test_every_committed_record_ran_from_one_set_of_weights_with_one_thread():
-    """The README says so above its results table; a record from other weights or thread counts breaks it."""
-    records = [json.loads(path.read_text()) for path in REFERENCE.glob(f"*/{RECORD}")]
+def test_readme_states_the_committed_records_count_weights_and_threads():
+    """The README's claims above its results table: how many records, one thread each, one set of weights."""
+    records = list(iter_records(REFERENCE))
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{len(records)} records in all" in text
     assert {record["environment"]["torch_threads"] for record in records} == {1}
     stated = {record["weights_sha256"] for record in records if "weights_sha256" in record}
     assert len(stated) == 1, "records from more than one set of weights"
     unstated = [record["config"] for record in records if "weights_sha256" not in record]
     assert {(config["noise_protocol"], config["seed"]) for config in unstated} == {("hard", 0)}
-    text = " ".join((ROOT / "README.md").read_text().split())
     assert f"all but the first {len(unstated)} seed-0 records under hard noise" in text
